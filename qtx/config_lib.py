@@ -1,0 +1,174 @@
+"""Config schema and presets.
+
+Every run is described by one `ml_collections.ConfigDict`. The presets here are the single
+source of the schema: `configs/*.py` call them, and unknown keys are rejected both by
+ConfigDict (on command-line overrides) and by `validate`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus")
+
+
+def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
+  """Attention block of one tower.
+
+  normalizer: softmax | clipped_softmax | softplus.
+  gamma/alpha/zeta: clipped softmax (gamma = -alpha / N_keys when alpha is set).
+  gamma_warmup_steps: linearly ramp gamma from 0 (avoids dead attention at init).
+  softplus_p / softplus_eps: re-weighting exponent and normaliser epsilon of softplus attention.
+  gate: none | linear | mlp | all_heads_linear;  gate_hidden (mlp), gate_pi_init.
+  impl: xla | pallas.
+  """
+  c = ml_collections.ConfigDict()
+  c.normalizer = normalizer
+  c.gamma = 0.0
+  c.alpha = ml_collections.FieldReference(None, field_type=float)
+  c.zeta = 1.0
+  c.gamma_warmup_steps = 0
+  c.softplus_p = 15.0
+  c.softplus_eps = 1e-6
+  c.gate = "none"
+  c.gate_hidden = 4
+  c.gate_pi_init = 0.5
+  c.impl = "xla"
+  return c
+
+
+def tower_config(**kw) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.width = kw.pop("width")
+  c.depth = kw.pop("depth")
+  c.heads = kw.pop("heads")
+  c.mlp_dim = kw.pop("mlp_dim")
+  c.attention = attention_config()
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # train | eval | ptq
+  c.seed = 0
+  c.init_from = ""  # checkpoint dir (qtx) or a PyTorch CLIP state_dict file
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 512
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.scan = False  # nn.scan over layers
+  c.model.remat = "none"  # none | full | dots (nn.remat policy per block)
+  c.model.image = tower_config(width=768, depth=12, heads=12, mlp_dim=3072,
+                               image_size=224, patch_size=16, ln_pre=True, channels=3)
+  c.model.text = tower_config(width=512, depth=12, heads=8, mlp_dim=2048,
+                              vocab_size=49408, context_length=77)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "clip"  # clip | siglip | infoloob
+  c.loss.init_logit_scale = -1.0  # < 0: loss default (log(1/0.07) for clip/infoloob, log(10) siglip)
+  c.loss.init_logit_bias = -10.0  # siglip only
+  c.loss.max_logit_scale = 100.0
+  c.loss.impl = "xla"  # xla | pallas (row-wise log-sum-exp via the two-pass kernel)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"
+  c.data.path = ""
+  c.data.image_size = 224
+  c.data.num_workers = 0
+  c.data.prefetch = 2
+  c.data.eval_size = 1024
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256
+  c.train.total_steps = 1000
+  c.train.lr = 5e-4
+  c.train.warmup_steps = 100
+  c.train.end_lr_fraction = 0.0
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.grad_clip = 1.0
+  c.train.log_every = 10
+  c.train.microbatches = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 500
+  c.eval.num_samples = 1024
+  c.eval.batch_size = 256
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0  # 0 = only at the end
+  c.checkpoint.keep = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.enabled = False
+  c.quant.weight_bits = 8
+  c.quant.act_bits = 8
+  c.quant.weight_granularity = "per_tensor"  # per_tensor | per_channel
+  c.quant.act_granularity = "per_tensor"  # per_tensor | per_token
+  c.quant.estimator = "running_minmax"  # minmax | running_minmax | percentile | mse
+  c.quant.percentile = 99.99
+  c.quant.momentum = 0.9
+  c.quant.calib_batches = 16
+  c.quant.keep_float = "head,temperature,gates"
+  c.quant.outliers_every_steps = 0  # 0 = off during training
+  return c
+
+
+def set_normalizer(c: ml_collections.ConfigDict, preset: str) -> None:
+  """Apply a normalizer preset to both towers (gamma from alpha per tower)."""
+  if preset not in NORMALIZER_PRESETS:
+    raise ValueError(f"unknown normalizer preset {preset!r}; choose one of {NORMALIZER_PRESETS}")
+  for tower in (c.model.image, c.model.text):
+    a = tower.attention
+    if preset == "gated":
+      a.normalizer = "softmax"
+      a.gate = "linear"
+    else:
+      a.normalizer = preset
+      a.gate = "none"
+    if preset == "clipped_softmax":
+      a.alpha = 1.0
+      a.gamma_warmup_steps = 0
+
+
+def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.model.embed_dim = 64
+  c.model.image = tower_config(width=96, depth=3, heads=4, mlp_dim=384,
+                               image_size=32, patch_size=4, ln_pre=True, channels=3)
+  c.model.text = tower_config(width=96, depth=3, heads=4, mlp_dim=384,
+                              vocab_size=49408, context_length=24)
+  c.data.name = "synthetic"
+  c.data.image_size = 32
+  c.data.eval_size = 1000
+  c.train.batch_size = 128
+  c.train.total_steps = 600
+  c.train.lr = 2e-3
+  c.train.warmup_steps = 60
+  c.train.weight_decay = 0.05
+  c.train.log_every = 20
+  c.eval.every_steps = 300
+  c.eval.num_samples = 1000
+  c.eval.batch_size = 250
+  c.checkpoint.every_steps = 0
+  c.checkpoint.keep = 2
+  set_normalizer(c, arg or "softmax")
+  return c
+
+
+def b16_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """OpenAI CLIP ViT-B/16 architecture (149.6M parameters)."""
+  c = base_config()
+  c.data.image_size = 224
+  c.train.batch_size = 4096
+  c.train.total_steps = 100_000
+  c.train.lr = 5e-4
+  c.train.warmup_steps = 2000
+  c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  set_normalizer(c, arg or "softmax")
+  return c
