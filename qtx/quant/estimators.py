@@ -1,0 +1,141 @@
+"""Range estimators for fake quantization: pure functions returning (x_min, x_max).
+
+- `minmax`: extremes of the current tensor.
+- `running_minmax`: exponential moving average of per-batch extremes (momentum on the old value,
+  as in Bondarenko et al. 2023: momentum 0.9 over 16 calibration batches); the first batch
+  initialises the state.
+- `percentile`: lower bound at the (100 - q)-th, upper bound at the q-th percentile
+  (q = 99.99 / 99.999 in the paper's OPT experiments).
+- `mse_range`: searches the shrunk ranges alpha * [min, max], alpha in (0, 1], for the one
+  minimising ||x - fake_quant(x)||^2.
+
+Granularity (which axes share one range): `per_tensor` (all axes), `per_channel` (weights:
+every axis but the output-channel axis), `per_token` (activations: only the last axis, so every
+token has its own range). `reduction_axes` maps a granularity to the axes to reduce;
+`estimate_range` combines it with an estimator and keeps dims so the result broadcasts to x.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from qtx.quant.fake_quant import fake_quant, validate_bits
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_token")
+ESTIMATORS = ("minmax", "running_minmax", "percentile", "mse")
+
+Axis = int | Sequence[int] | None
+
+
+class RangeState(NamedTuple):
+  """Running range: x_min, x_max (float32 arrays) and the number of batches seen (int32)."""
+  x_min: jax.Array
+  x_max: jax.Array
+  count: jax.Array
+
+
+def _f32(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(
+      x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def reduction_axes(ndim: int, granularity: str, channel_axis: int = -1) -> tuple[int, ...]:
+  """Axes reduced to one range for `granularity` on an ndim-dimensional tensor."""
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+  if granularity == "per_tensor" or ndim == 0:
+    return tuple(range(ndim))
+  if granularity == "per_channel":
+    if not -ndim <= channel_axis < ndim:
+      raise ValueError(f"channel_axis={channel_axis} out of range for a {ndim}-d tensor")
+    keep = channel_axis % ndim
+    return tuple(a for a in range(ndim) if a != keep)
+  return (ndim - 1,)
+
+
+def minmax(x, axis: Axis = None, keepdims: bool = False):
+  """(min, max) of x over axis (all axes when None)."""
+  x = _f32(x)
+  return jnp.min(x, axis=axis, keepdims=keepdims), jnp.max(x, axis=axis, keepdims=keepdims)
+
+
+def running_minmax(state: RangeState | None, x, momentum: float = 0.9, axis: Axis = None,
+                   keepdims: bool = False) -> RangeState:
+  """EMA of batch extremes: new = momentum * old + (1 - momentum) * batch.
+
+  state None (or state.count == 0, which works under jit) means the batch initialises the
+  range. Returns the new RangeState with count incremented.
+  """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
+  b_min, b_max = minmax(x, axis, keepdims)
+  if state is None:
+    return RangeState(b_min, b_max, jnp.ones((), jnp.int32))
+  first = state.count == 0
+  new_min = jnp.where(first, b_min, momentum * state.x_min + (1.0 - momentum) * b_min)
+  new_max = jnp.where(first, b_max, momentum * state.x_max + (1.0 - momentum) * b_max)
+  return RangeState(new_min, new_max, (state.count + 1).astype(jnp.int32))
+
+
+def percentile(x, q: float = 99.99, axis: Axis = None, keepdims: bool = False):
+  """(percentile 100 - q, percentile q) of x (linear interpolation, as numpy's default)."""
+  if not 50.0 <= q <= 100.0:
+    raise ValueError(f"percentile q={q!r} must be in [50, 100]")
+  x = _f32(x)
+  lo_hi = jnp.percentile(x, jnp.array([100.0 - q, q], x.dtype), axis=axis, keepdims=keepdims)
+  return lo_hi[0], lo_hi[1]
+
+
+def mse_range(x, num_bits: int = 8, symmetric: bool = False, num_candidates: int = 100,
+              axis: Axis = None, keepdims: bool = False):
+  """Range alpha * (min, max) minimising the squared quantization error of x.
+
+  alpha runs over 1, 1 - 1/N, ..., 1/N (N = num_candidates); ties keep the larger alpha, so
+  the result never exceeds the min-max range. With axis set, every slice (e.g. every output
+  channel of a weight) picks its own alpha. Candidates are scanned sequentially, so memory
+  stays at a few copies of x.
+  """
+  validate_bits(num_bits)
+  if num_candidates < 1:
+    raise ValueError(f"num_candidates={num_candidates!r} must be >= 1")
+  x = _f32(x)
+  x_min, x_max = minmax(x, axis, keepdims=True)
+  alphas = 1.0 - jnp.arange(num_candidates, dtype=x.dtype) / num_candidates
+
+  def step(carry, alpha):
+    best_err, best_alpha = carry
+    err = jnp.sum(jnp.square(x - fake_quant(x, alpha * x_min, alpha * x_max, num_bits,
+                                            symmetric)), axis=axis, keepdims=True)
+    better = err < best_err
+    return (jnp.where(better, err, best_err), jnp.where(better, alpha, best_alpha)), None
+
+  init = (jnp.full(x_min.shape, jnp.inf, x.dtype), jnp.ones(x_min.shape, x.dtype))
+  (_, best_alpha), _ = jax.lax.scan(step, init, alphas)
+  lo, hi = best_alpha * x_min, best_alpha * x_max
+  if not keepdims:
+    red = tuple(range(x.ndim)) if axis is None else axis
+    lo, hi = jnp.squeeze(lo, red), jnp.squeeze(hi, red)
+  return lo, hi
+
+
+def estimate_range(x, estimator: str = "minmax", granularity: str = "per_tensor",
+                   channel_axis: int = -1, num_bits: int = 8, symmetric: bool = False,
+                   q: float = 99.99, num_candidates: int = 100):
+  """Range of x for one estimator and granularity; result broadcasts to x.
+
+  Per-tensor ranges are scalars; other granularities keep the reduced axes with size 1.
+  `running_minmax` is stateful and behaves like `minmax` here (one batch).
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+  x = jnp.asarray(x)
+  axes = reduction_axes(x.ndim, granularity, channel_axis)
+  keepdims = granularity != "per_tensor"
+  if estimator in ("minmax", "running_minmax"):
+    return minmax(x, axes, keepdims)
+  if estimator == "percentile":
+    return percentile(x, q, axes, keepdims)
+  return mse_range(x, num_bits, symmetric, num_candidates, axes, keepdims)

@@ -1,0 +1,277 @@
+"""Flax Linen building blocks that run in float or fake-quantized from the same code.
+
+The model calls these instead of nn.Dense / nn.LayerNorm and places `ActQuant` at the
+activation points Bondarenko et al. 2023 quantize (linear outputs, softmax input and output,
+P.V, residual sums, LayerNorm outputs, embeddings). With `cfg=None` or `cfg.enabled=False`
+every block is exactly its float counterpart and creates no extra variables.
+
+Calibration state of activation quantizers lives in the variable collection 'quant_stats'
+(never in 'params'):
+
+  # calibrate (float forward, statistics updated)
+  _, upd = model.apply({'params': p, 'quant_stats': s}, batch, mutable=['quant_stats'])
+  # evaluate quantized (collection read-only -> fake quant with the stored ranges)
+  y = model.apply({'params': p, 'quant_stats': upd['quant_stats']}, batch)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtx.quant import estimators as est
+from qtx.quant.fake_quant import fake_quant, validate_bits
+
+QUANT_STATS = "quant_stats"
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+# Keys of the `quant` config block that belong to drivers (calibration loop, training loop),
+# not to the quantizers themselves.
+DRIVER_KEYS = ("calib_batches", "outliers_every_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """What to quantize and how (hashable: usable as a Linen module attribute).
+
+  enabled: off -> every block is float and identical to its nn counterpart.
+  weight_bits / act_bits: integer widths in [2, 16] (W8A8 default).
+  weight_granularity: per_tensor | per_channel (weights are symmetric).
+  act_granularity: per_tensor (calibrated, asymmetric) | per_token (dynamic per-token min-max).
+  estimator: activation range estimator: minmax | running_minmax | percentile | mse; with 'mse'
+    weights use the MSE search as well, otherwise weights use min-max.
+  percentile: q of the percentile estimator.  momentum: EMA momentum of running_minmax.
+  keep_float: names of points/modules kept in float (the model checks e.g. 'head', 'gates';
+    ActQuant skips a point whose name is listed).
+  """
+  enabled: bool = False
+  weight_bits: int = 8
+  act_bits: int = 8
+  weight_granularity: str = "per_tensor"
+  act_granularity: str = "per_tensor"
+  estimator: str = "running_minmax"
+  percentile: float = 99.99
+  momentum: float = 0.9
+  keep_float: tuple[str, ...] = ("head", "temperature", "gates")
+
+  def __post_init__(self):
+    validate_bits(self.weight_bits)
+    validate_bits(self.act_bits)
+    _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+    _check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+    _check_choice("estimator", self.estimator, est.ESTIMATORS)
+    if not 50.0 <= float(self.percentile) <= 100.0:
+      raise ValueError(f"quant.percentile={self.percentile!r} must be in [50, 100]")
+    if not 0.0 <= float(self.momentum) < 1.0:
+      raise ValueError(f"quant.momentum={self.momentum!r} must be in [0, 1)")
+    if isinstance(self.keep_float, str):
+      object.__setattr__(self, "keep_float", _split_names(self.keep_float))
+    else:
+      object.__setattr__(self, "keep_float", tuple(self.keep_float))
+
+  @classmethod
+  def from_config(cls, c: Mapping[str, Any] | None) -> "QuantConfig":
+    """Builds from the `quant` config block (a ConfigDict or dict); None -> disabled.
+
+    keep_float may be a comma-separated string ("head,temperature,gates"). Driver keys
+    (calib_batches, outliers_every_steps) are ignored; other unknown keys are errors.
+    """
+    if c is None:
+      return cls()
+    d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if k not in fields and k not in DRIVER_KEYS)
+    if unknown:
+      raise ValueError(f"unknown quant config keys {unknown}; accepted: "
+                       f"{sorted(fields | set(DRIVER_KEYS))}")
+    kw = {k: v for k, v in d.items() if k in fields}
+    if "keep_float" in kw and isinstance(kw["keep_float"], str):
+      kw["keep_float"] = _split_names(kw["keep_float"])
+    return cls(**kw)
+
+  @property
+  def weight_estimator(self) -> str:
+    return "mse" if self.estimator == "mse" else "minmax"
+
+  def quantizes(self, name: str) -> bool:
+    """True when enabled and `name` is not kept in float."""
+    return self.enabled and name not in self.keep_float
+
+
+def _check_choice(key, value, choices):
+  if value not in choices:
+    raise ValueError(f"unknown quant.{key} {value!r}; choose one of {choices}")
+
+
+def _split_names(s: str) -> tuple[str, ...]:
+  return tuple(n.strip() for n in s.split(",") if n.strip())
+
+
+def is_active(cfg: QuantConfig | None) -> bool:
+  return cfg is not None and cfg.enabled
+
+
+def quantize_weight(w, cfg: QuantConfig | None, channel_axis: int = -1):
+  """Symmetric fake quant of a kernel (per-tensor or per-channel along channel_axis).
+
+  Range: min-max, or the MSE search when cfg.estimator == 'mse'. Identity when cfg is None or
+  disabled. Gradient: straight-through.
+  """
+  if not is_active(cfg):
+    return w
+  x_min, x_max = est.estimate_range(
+      w, cfg.weight_estimator, cfg.weight_granularity, channel_axis,
+      num_bits=cfg.weight_bits, symmetric=True)
+  return fake_quant(w, x_min, x_max, cfg.weight_bits, symmetric=True)
+
+
+def _act_batch_range(x, cfg: QuantConfig):
+  """Per-tensor range of one calibration batch for cfg.estimator (widened to include 0)."""
+  if cfg.estimator == "percentile":
+    lo, hi = est.percentile(x, cfg.percentile)
+  elif cfg.estimator == "mse":
+    lo, hi = est.mse_range(x, cfg.act_bits, symmetric=False)
+  else:
+    lo, hi = est.minmax(x)
+  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+class ActQuant(nn.Module):
+  """Asymmetric activation fake quantizer at one named point.
+
+  - cfg None / disabled / point in cfg.keep_float: identity, no variables.
+  - per_token granularity: dynamic per-token min-max of the current input, no variables.
+  - per_tensor: range kept in the 'quant_stats' collection (x_min, x_max, count).
+    * collection mutable (calibration): statistics updated, x returned unchanged (float).
+        running_minmax: EMA with cfg.momentum, first batch initialises;
+        minmax: min / max over all calibration batches seen;
+        percentile, mse: mean over calibration batches of the per-batch estimate.
+      During `init` the variables are only created (count stays 0).
+    * collection read-only: x fake-quantized with the stored range. An uncalibrated quantizer
+      (count == 0) falls back to the current input's min-max.
+  Ranges always include 0.
+  """
+  cfg: QuantConfig | None = None
+  point: str = "act"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    if not is_active(cfg) or not cfg.quantizes(self.point):
+      return x
+    if cfg.act_granularity == "per_token":
+      x_min, x_max = est.minmax(x, axis=-1, keepdims=True)
+      return fake_quant(x, x_min, x_max, cfg.act_bits, symmetric=False)
+
+    v_min = self.variable(QUANT_STATS, "x_min", lambda: jnp.zeros((), jnp.float32))
+    v_max = self.variable(QUANT_STATS, "x_max", lambda: jnp.zeros((), jnp.float32))
+    v_cnt = self.variable(QUANT_STATS, "count", lambda: jnp.zeros((), jnp.int32))
+
+    if self.is_mutable_collection(QUANT_STATS):
+      if self.is_initializing():
+        return x
+      xs = jax.lax.stop_gradient(x)
+      b_min, b_max = _act_batch_range(xs, cfg)
+      count = v_cnt.value
+      first = count == 0
+      if cfg.estimator == "running_minmax":
+        state = est.running_minmax(est.RangeState(v_min.value, v_max.value, count), xs,
+                                   cfg.momentum)
+        new_min = jnp.minimum(state.x_min, 0.0)
+        new_max = jnp.maximum(state.x_max, 0.0)
+      elif cfg.estimator == "minmax":
+        new_min = jnp.where(first, b_min, jnp.minimum(v_min.value, b_min))
+        new_max = jnp.where(first, b_max, jnp.maximum(v_max.value, b_max))
+      else:
+        w = 1.0 / (count + 1).astype(jnp.float32)
+        new_min = v_min.value + w * (b_min - v_min.value)
+        new_max = v_max.value + w * (b_max - v_max.value)
+      v_min.value = new_min.astype(jnp.float32)
+      v_max.value = new_max.astype(jnp.float32)
+      v_cnt.value = count + 1
+      return x
+
+    calibrated = v_cnt.value > 0
+    d_min, d_max = est.minmax(jax.lax.stop_gradient(x))
+    x_min = jnp.where(calibrated, v_min.value, d_min)
+    x_max = jnp.where(calibrated, v_max.value, d_max)
+    return fake_quant(x, x_min, x_max, cfg.act_bits, symmetric=False)
+
+
+class QDense(nn.Module):
+  """nn.Dense with a fake-quantized kernel and a quantized output.
+
+  Params are named exactly like nn.Dense's ('kernel' (in, features), 'bias' (features,)), so
+  checkpoints are interchangeable. kernel_init / bias_init may be wrapped with
+  nn.with_logical_partitioning. The bias stays in float. The input is assumed to be quantized
+  by the preceding point; the output goes through ActQuant(point='out') when
+  quantize_output is set.
+  """
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  cfg: QuantConfig | None = None
+  quantize_output: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,),
+                      self.param_dtype) if self.use_bias else None
+    kernel = quantize_weight(kernel, self.cfg, channel_axis=-1)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if self.quantize_output:
+      y = ActQuant(self.cfg, point="out", name="out_quant")(y)
+    return y
+
+
+class QLayerNorm(nn.Module):
+  """LayerNorm over the last axis with a quantized scale and a quantized output.
+
+  Params 'scale' and 'bias' like nn.LayerNorm. Statistics in float32; the scale is
+  fake-quantized symmetric per-tensor with cfg.weight_bits (a per-channel grid for a vector
+  would be lossless), the bias stays float. Identity quantization when cfg is None/disabled.
+  """
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  scale_init: Callable = nn.initializers.ones_init()
+  bias_init: Callable = nn.initializers.zeros_init()
+  cfg: QuantConfig | None = None
+  quantize_output: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    features = jnp.shape(x)[-1]
+    x32 = jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+      if is_active(self.cfg):
+        scale = quantize_weight(scale, dataclasses.replace(
+            self.cfg, weight_granularity="per_tensor"))
+      y = y * jnp.asarray(scale, y.dtype)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+      y = y + jnp.asarray(bias, y.dtype)
+    out_dtype = self.dtype or nn.dtypes.canonicalize_dtype(x, dtype=None)
+    y = y.astype(out_dtype)
+    if self.quantize_output:
+      y = ActQuant(self.cfg, point="out", name="out_quant")(y)
+    return y
