@@ -1,0 +1,411 @@
+"""Embedded, procedurally generated image-caption dataset ("synthetic shapes").
+
+Every sample is one coloured shape on a mostly plain grey background, drawn with numpy from a
+seeded generator, so the dataset needs no download and is unlimited:
+
+- 7 colours (`COLORS`), 6 shapes (`SHAPES`), 3 sizes (`SIZES`) and 9 positions on a 3x3 grid
+  (`POSITIONS`), each drawn uniformly at random, with a small random jitter of the position and
+  size inside its cell, a background grey from a small dark/light palette (sometimes a soft
+  gradient) and a little per-pixel noise.
+- The caption names all four attributes (colour, shape, size, position) in one of
+  `len(CAPTION_TEMPLATES)` sentence templates, so two captions that differ in one attribute are
+  always distinguishable (`parse_caption` recovers the attributes from any caption).
+- The zero-shot classification task is colour + shape: `len(CLASS_NAMES)` = 42 classes such as
+  "red circle", prompted with `TEMPLATES` (see `zeroshot_prompts`). Chance level is
+  1/42 = 2.38% top-1. Size and position are only in the captions; they make image<->text
+  retrieval non-trivial (see `hard_negative_captions`).
+
+`SyntheticShapes(split, image_size, seed)` is a grain-compatible random-access source. Sample
+`idx` of a split is a pure function of (seed, split, idx): its generator is
+`np.random.default_rng([seed, split_id, idx])`, and the train and eval splits use different
+`split_id`s, so the eval samples are held out from training.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import textwrap
+from typing import Any
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 180, 60),
+    "cyan": (30, 210, 225),
+    "blue": (40, 80, 235),
+    "purple": (150, 55, 205),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+# Diameter of the shape as a fraction of the image side (before a +-8% jitter).
+SIZES: dict[str, float] = {"small": 0.22, "medium": 0.32, "large": 0.44}
+# Position name -> (row, column) of the cell on the 3x3 grid.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
+    "left": (1, 0), "center": (1, 1), "right": (1, 2),
+    "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
+}
+# Background greys (R = G = B, so never equal to a saturated shape colour).
+BACKGROUNDS: dict[str, int] = {"black": 18, "dark grey": 60, "light grey": 195, "white": 238}
+
+SPLITS: dict[str, int] = {"train": 0, "eval": 1}
+TRAIN_SIZE = 2**31 - 1
+MIN_IMAGE_SIZE = 16
+
+POSITION_JITTER = 0.04  # of the image side, uniform in [-j, j] per axis
+SIZE_JITTER = 0.08  # relative, uniform in [1 - j, 1 + j]
+GRADIENT_PROB = 0.25  # probability of a soft grey gradient instead of a flat background
+GRADIENT_AMPLITUDE = 18.0  # the gradient spans grey +- this
+NOISE_AMPLITUDE = 6  # per-pixel integer noise, uniform in [-a, a]
+_EXTENT = 1.15  # every shape lies within 1.15 radii of its centre (the triangle's apex)
+
+# Location phrases per position; each contains the position's name.
+_LOCATIONS: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left corner", "at the top left"),
+    "top": ("at the top", "near the top"),
+    "top right": ("in the top right corner", "at the top right"),
+    "left": ("on the left", "on the left side"),
+    "center": ("in the center", "at the center"),
+    "right": ("on the right", "on the right side"),
+    "bottom left": ("in the bottom left corner", "at the bottom left"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "bottom right": ("in the bottom right corner", "at the bottom right"),
+}
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {size} {color} {shape} {loc}.",
+    "a photo of a {size} {color} {shape} {loc}.",
+    "there is a {size} {color} {shape} {loc}.",
+    "{Loc}, a {size} {color} {shape}.",
+    "an image of a {size} {color} {shape} {loc}.",
+    "a {color} {shape}, {size}, {loc}.",
+    "a {size} {shape} colored {color}, {loc}.",
+    "one {size} {color} {shape} {loc} on a plain background.",
+    "a simple drawing of a {size} {color} {shape} {loc}.",
+    "{size} {color} {shape}, {loc}.",
+    "the {shape} is {color} and {size}, {loc}.",
+    "a picture showing a {size} {color} {shape} {loc}.",
+)
+
+CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
+TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a {}.",
+    "an image of a {}.",
+    "there is a {}.",
+    "a simple drawing of a {}.",
+    "a {} on a plain background.",
+    "a picture showing a {}.",
+]
+NUM_CLASSES = len(CLASS_NAMES)
+CHANCE_TOP1 = 1.0 / NUM_CLASSES
+
+ATTRIBUTES = ("color", "shape", "size", "position")
+_VALUES: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_image_size(image_size: Any) -> int:
+  """Returns `image_size` as int; raises ValueError unless it is an int >= MIN_IMAGE_SIZE."""
+  if isinstance(image_size, (bool, np.bool_)) or not isinstance(image_size, (int, np.integer)):
+    raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+  if image_size < MIN_IMAGE_SIZE:
+    raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+  return int(image_size)
+
+
+def check_attributes(attrs: dict) -> None:
+  """Raises ValueError if an attribute is missing or has an unknown value."""
+  for name in ATTRIBUTES:
+    if name not in attrs:
+      raise ValueError(f"attributes {attrs!r} lack {name!r}; need all of {ATTRIBUTES}")
+    if attrs[name] not in _VALUES[name]:
+      raise ValueError(f"unknown {name} {attrs[name]!r}; choose one of {_VALUES[name]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes, labels, captions
+
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
+  """Draws colour, shape, size and position uniformly and independently."""
+  return {name: _VALUES[name][rng.integers(len(_VALUES[name]))] for name in ATTRIBUTES}
+
+
+def label_of(attrs: dict) -> int:
+  """Zero-shot class index of the attributes: its index in CLASS_NAMES (colour + shape)."""
+  return list(COLORS).index(attrs["color"]) * len(SHAPES) + SHAPES.index(attrs["shape"])
+
+
+def _with_articles(text: str) -> str:
+  """'a orange' -> 'an orange' (and at the start of the text)."""
+  return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+
+
+def caption(attrs: dict, rng: np.random.Generator | None = None,
+            template: int | None = None) -> str:
+  """One caption naming the colour, shape, size and position of `attrs`.
+
+  The template (and the wording of the location) is drawn from `rng`; `template` picks a fixed
+  template index instead. With neither, template 0 and the first location wording are used.
+  """
+  check_attributes(attrs)
+  num = len(CAPTION_TEMPLATES)
+  if template is not None and not (isinstance(template, (int, np.integer)) and 0 <= template < num):
+    raise ValueError(f"template must be an int in [0, {num}); got {template!r}")
+  locs = _LOCATIONS[attrs["position"]]
+  if template is None:
+    template = 0 if rng is None else int(rng.integers(num))
+  loc = locs[0] if rng is None else locs[int(rng.integers(len(locs)))]
+  text = CAPTION_TEMPLATES[template].format(
+      size=attrs["size"], color=attrs["color"], shape=attrs["shape"], loc=loc,
+      Loc=loc[0].upper() + loc[1:])
+  return _with_articles(text)
+
+
+def parse_caption(text: str) -> dict[str, str]:
+  """Recovers the attributes named in a caption (the inverse of `caption`).
+
+  Raises ValueError if the caption does not name exactly one value of each attribute.
+  """
+  words = re.findall(r"[a-z]+", text.lower())
+  attrs = {}
+  for name in ("color", "shape", "size"):
+    found = [w for w in words if w in _VALUES[name]]
+    if len(set(found)) != 1:
+      raise ValueError(f"caption {text!r} names {name} values {found}; expected exactly one")
+    attrs[name] = found[0]
+  vertical = {w for w in words if w in ("top", "bottom")}
+  horizontal = {w for w in words if w in ("left", "right")}
+  if len(vertical) > 1 or len(horizontal) > 1:
+    raise ValueError(f"caption {text!r} names contradicting positions")
+  position = " ".join(sorted(vertical) + sorted(horizontal))
+  if not position:
+    if "center" not in words:
+      raise ValueError(f"caption {text!r} names no position; expected one of {tuple(POSITIONS)}")
+    position = "center"
+  attrs["position"] = position
+  return attrs
+
+
+def one_attribute_variants(attrs: dict) -> list[dict[str, str]]:
+  """All attribute dicts that differ from `attrs` in exactly one attribute (20 of them)."""
+  check_attributes(attrs)
+  out = []
+  for name in ATTRIBUTES:
+    for value in _VALUES[name]:
+      if value != attrs[name]:
+        out.append({**attrs, name: value})
+  return out
+
+
+def hard_negative_captions(attrs: dict, template: int = 0) -> list[str]:
+  """Captions (one fixed template) that differ from `attrs`' caption in exactly one attribute.
+
+  Compare them with `caption(attrs, template=template)` for a one-attribute retrieval check.
+  """
+  return [caption(a, template=template) for a in one_attribute_variants(attrs)]
+
+
+def zeroshot_prompts() -> list[list[str]]:
+  """Per class (in CLASS_NAMES order), the prompts made from TEMPLATES."""
+  return [[_with_articles(t.format(name)) for t in TEMPLATES] for name in CLASS_NAMES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pixel-centre coordinates in [0, 1]: y as [H, 1] and x as [1, W] (they broadcast)."""
+  c = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
+  return c[:, None], c[None, :]
+
+
+def shape_mask(shape: str, center_xy: tuple[float, float], radius: float,
+               image_size: int) -> np.ndarray:
+  """Boolean [H, W] mask of `shape` centred at `center_xy` (fractions of the image side).
+
+  `radius` is half the nominal diameter, as a fraction of the image side. Shapes are centred on
+  their area centroid (the triangle too) and lie within 1.15 radii of the centre.
+  """
+  if shape not in SHAPES:
+    raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+  y_Hx1, x_1xW = _grid(check_image_size(image_size))
+  u = (x_1xW - np.float32(center_xy[0])) / np.float32(radius)
+  v = (y_Hx1 - np.float32(center_xy[1])) / np.float32(radius)
+  if shape == "circle":
+    return u * u + v * v <= 1.0
+  if shape == "ring":
+    d2 = u * u + v * v
+    return (d2 <= 1.0) & (d2 >= 0.25)
+  if shape == "square":
+    return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+  if shape == "diamond":
+    return np.abs(u) + np.abs(v) <= 1.0
+  if shape == "cross":
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= 0.38) & (av <= 1.0)) | ((av <= 0.38) & (au <= 1.0))
+  # Upward equilateral triangle inscribed in a circle of 1.15 radii (centroid at the centre):
+  # apex at v = -1.15, base at v = 0.575, half-width at the base 0.996.
+  return (v <= 0.575) & (np.abs(u) * np.sqrt(np.float32(3.0)) <= v + 1.15)
+
+
+def layout(attrs: dict, rng: np.random.Generator) -> tuple[tuple[float, float], float]:
+  """Jittered centre (x, y) and radius of the shape, as fractions of the image side."""
+  row, col = POSITIONS[attrs["position"]]
+  radius = 0.5 * SIZES[attrs["size"]] * rng.uniform(1.0 - SIZE_JITTER, 1.0 + SIZE_JITTER)
+  jx, jy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+  lo, hi = _EXTENT * radius, 1.0 - _EXTENT * radius  # keep the whole shape inside the image
+  cx = min(max((col + 0.5) / 3.0 + jx, lo), hi)
+  cy = min(max((row + 0.5) / 3.0 + jy, lo), hi)
+  return (float(cx), float(cy)), float(radius)
+
+
+def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
+  """Grey background [H, W] (float32): flat, or with prob. GRADIENT_PROB a soft gradient."""
+  grey = float(list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))])
+  grey += rng.uniform(-8.0, 8.0)
+  if rng.uniform() >= GRADIENT_PROB:
+    return np.full((image_size, image_size), grey, np.float32)
+  y_Hx1, x_1xW = _grid(image_size)
+  angle = rng.uniform(0.0, 2.0 * np.pi)
+  c, s = np.cos(angle), np.sin(angle)
+  ramp_HxW = (c * (x_1xW - 0.5) + s * (y_Hx1 - 0.5)) / (abs(c) + abs(s))  # in [-0.5, 0.5]
+  return grey + np.float32(2.0 * GRADIENT_AMPLITUDE) * ramp_HxW.astype(np.float32)
+
+
+def render(attrs: dict, image_size: int, rng: np.random.Generator,
+           noise: int = NOISE_AMPLITUDE) -> np.ndarray:
+  """uint8 [H, W, 3] image of the shape described by `attrs` on a grey background.
+
+  Draws (in this order) the layout jitter, the background and then the noise from `rng`, so
+  `noise=0` with an identically seeded `rng` gives the same picture without noise. Shape pixels
+  are exactly COLORS[colour] before noise; background pixels are grey (R = G = B).
+  """
+  check_attributes(attrs)
+  image_size = check_image_size(image_size)
+  if not isinstance(noise, (int, np.integer)) or noise < 0 or noise > 64:
+    raise ValueError(f"noise must be an int in [0, 64]; got {noise!r}")
+  center_xy, radius = layout(attrs, rng)
+  mask_HxW = shape_mask(attrs["shape"], center_xy, radius, image_size)
+  grey_HxW = np.clip(np.rint(_background(rng, image_size)), 0, 255).astype(np.uint8)
+  image_HxWx3 = np.repeat(grey_HxW[:, :, None], 3, axis=2)
+  image_HxWx3[mask_HxW] = COLORS[attrs["color"]]
+  if noise:
+    n_HxWx3 = rng.integers(-noise, noise + 1, size=image_HxWx3.shape, dtype=np.int16)
+    image_HxWx3 = np.clip(image_HxWx3.astype(np.int16) + n_HxWx3, 0, 255).astype(np.uint8)
+  return image_HxWx3
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-access source
+
+
+def _check_split(split: Any) -> int:
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLITS)}")
+  return SPLITS[split]
+
+
+class SyntheticShapes:
+  """Grain-compatible random-access source of {'image', 'caption', 'label'} records.
+
+  split: 'train' (TRAIN_SIZE = 2**31 - 1 samples unless `size` is given) or 'eval' (`size`
+  samples, default 1000). Record `idx` is a pure function of (seed, split, idx).
+  """
+
+  def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
+               size: int | None = None):
+    self.split_id = _check_split(split)
+    self.split = split
+    self.image_size = check_image_size(image_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    self.seed = int(seed)
+    if size is None:
+      size = TRAIN_SIZE if split == "train" else 1000
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= TRAIN_SIZE:
+      raise ValueError(f"size must be an int in [1, {TRAIN_SIZE}]; got {size!r}")
+    self.size = int(size)
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __repr__(self) -> str:
+    return (f"SyntheticShapes(split={self.split!r}, image_size={self.image_size}, "
+            f"seed={self.seed}, size={self.size})")
+
+  def rng(self, idx: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, self.split_id, idx])
+
+  def attributes(self, idx: int) -> dict[str, str]:
+    """The attributes of record `idx` (without rendering it)."""
+    return sample_attributes(self.rng(self._check_index(idx)))
+
+  def _check_index(self, idx: Any) -> int:
+    if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
+      raise TypeError(f"index must be an int; got {idx!r}")
+    if not 0 <= idx < self.size:
+      raise IndexError(f"index {idx} out of range [0, {self.size}) for {self!r}")
+    return int(idx)
+
+  def __getitem__(self, idx: int) -> dict[str, Any]:
+    rng = self.rng(self._check_index(idx))
+    attrs = sample_attributes(rng)
+    image = render(attrs, self.image_size, rng)
+    return {"image": image, "caption": caption(attrs, rng), "label": np.int32(label_of(attrs))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Description and figure
+
+
+def describe() -> str:
+  """One paragraph describing the dataset and its zero-shot task."""
+  return (
+      f"Synthetic shapes: one coloured shape per image on a mostly plain grey background, "
+      f"procedurally generated and seeded (no download, unlimited train split, held-out eval "
+      f"split). {len(COLORS)} colours ({', '.join(COLORS)}), {len(SHAPES)} shapes "
+      f"({', '.join(SHAPES)}), {len(SIZES)} sizes ({', '.join(SIZES)}) and {len(POSITIONS)} "
+      f"positions on a 3x3 grid; captions name all four attributes in "
+      f"{len(CAPTION_TEMPLATES)} templates. Zero-shot classification: {NUM_CLASSES} colour+shape "
+      f"classes prompted with {len(TEMPLATES)} templates, chance level 1/{NUM_CLASSES} = "
+      f"{100 * CHANCE_TOP1:.2f}% top-1.")
+
+
+def save_sample_grid(path: str, n: int = 16, image_size: int = 64, seed: int = 0,
+                     split: str = "eval") -> str:
+  """Saves a PNG grid of the first `n` records of a split with their captions; returns path."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"n must be a positive int; got {n!r}")
+  source = SyntheticShapes(split, image_size=image_size, seed=seed, size=max(n, 1))
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.25 * rows), squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i >= n:
+      continue
+    record = source[i]
+    ax.imshow(record["image"], interpolation="nearest")
+    title = "\n".join(textwrap.wrap(record["caption"], 30))
+    ax.set_title(f"{title}\n[{CLASS_NAMES[record['label']]}]", fontsize=7)
+  fig.suptitle(f"SyntheticShapes({split!r}, image_size={image_size}, seed={seed})", fontsize=9)
+  fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.97))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
