@@ -172,3 +172,44 @@ def b16_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   set_normalizer(c, arg or "softmax")
   return c
+
+
+MODES = ("train", "eval", "ptq")
+LOSSES = ("clip", "siglip", "infoloob")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raise ValueError naming the first bad value (unknown keys are caught by ConfigDict)."""
+  from qtx.nn.attention import AttentionConfig
+  from qtx.nn.clip import build_model
+
+  if c.mode not in MODES:
+    raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
+  if c.loss.name not in LOSSES:
+    raise ValueError(f"unknown loss.name {c.loss.name!r}; choose one of {LOSSES}")
+  if c.loss.impl not in ("xla", "pallas"):
+    raise ValueError(f"unknown loss.impl {c.loss.impl!r}; choose one of ('xla', 'pallas')")
+  for tower in ("image", "text"):
+    try:
+      AttentionConfig.from_config(c.model[tower].attention)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"model.{tower}.attention: {e}") from None
+    t = c.model[tower]
+    if t.width % t.heads:
+      raise ValueError(f"model.{tower}: width {t.width} is not divisible by heads {t.heads}")
+  img = c.model.image
+  if img.image_size % img.patch_size:
+    raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
+                     f"patch_size {img.patch_size}")
+  if c.data.image_size != img.image_size:
+    raise ValueError(f"data.image_size {c.data.image_size} != model.image.image_size "
+                     f"{img.image_size}")
+  for key in ("batch_size", "total_steps", "log_every", "microbatches"):
+    if c.train[key] <= 0:
+      raise ValueError(f"train.{key} must be > 0, got {c.train[key]}")
+  if c.train.batch_size % c.train.microbatches:
+    raise ValueError(f"train.batch_size {c.train.batch_size} is not divisible by "
+                     f"train.microbatches {c.train.microbatches}")
+  if c.train.lr <= 0 or not c.train.lr < float("inf"):
+    raise ValueError(f"train.lr must be a positive finite number, got {c.train.lr}")
+  build_model(c)  # checks tower keys and dtype

@@ -1,0 +1,133 @@
+"""Input pipeline: random-access sources -> grain -> per-host uint8 batches.
+
+A *source* is a random-access sequence of records {'image': uint8 HxWxC, 'caption': str,
+optional 'label': int}. `make_source(config, split)` picks it by `config.data.name`; sources
+register themselves with `register_source`. Images stay uint8 until they are on device.
+
+An *eval task* bundles a held-out set for zero-shot classification (class names + prompt
+templates) and image<->text retrieval.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import grain
+import numpy as np
+
+from qtx.data import tokenizer as tokenizer_lib
+
+_SOURCES: dict[str, Callable] = {}
+
+
+def register_source(name: str, factory: Callable) -> None:
+  """factory(config, split) -> source; `name` may be a prefix ending in ':' (e.g. 'tfds:')."""
+  _SOURCES[name] = factory
+
+
+def _synthetic(config, split):
+  from qtx.data import synthetic
+  src = synthetic.SyntheticShapes(split=split, image_size=config.data.image_size,
+                                  seed=config.seed,
+                                  size=config.data.eval_size if split == "eval" else None)
+  src.class_names = tuple(synthetic.CLASS_NAMES)
+  src.templates = tuple(synthetic.TEMPLATES)
+  return src
+
+
+register_source("synthetic", _synthetic)
+
+
+def make_source(config, split: str):
+  name = config.data.name
+  if name in _SOURCES:
+    return _SOURCES[name](config, split)
+  for key, factory in _SOURCES.items():
+    if key.endswith(":") and name.startswith(key):
+      return factory(config, split)
+  _import_optional_sources()
+  if name in _SOURCES or any(k.endswith(":") and name.startswith(k) for k in _SOURCES):
+    return make_source(config, split)
+  raise ValueError(f"unknown data.name {name!r}; choose one of {sorted(_SOURCES)}")
+
+
+def _import_optional_sources():
+  import importlib
+  for mod in ("qtx.data.sources",):
+    try:
+      importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+      if e.name != mod:
+        raise
+
+
+@dataclasses.dataclass
+class Encode(grain.transforms.Map):
+  """Record -> {'image': uint8 HxWxC, 'tokens': int32 [context_length]}."""
+  context_length: int
+  image_size: int
+  channels: int = 3
+
+  def map(self, record):
+    image = np.asarray(record["image"])
+    if image.shape != (self.image_size, self.image_size, self.channels) or image.dtype != np.uint8:
+      raise ValueError(
+          f"data source gave an image of shape {image.shape} and dtype {image.dtype}; the "
+          f"model expects uint8 ({self.image_size}, {self.image_size}, {self.channels})")
+    tokens = tokenizer_lib.tokenize([record["caption"]], self.context_length)[0]
+    return {"image": image, "tokens": tokens.astype(np.int32)}
+
+
+def train_dataset(config, process_index: int = 0, process_count: int = 1,
+                  source=None) -> grain.IterDataset:
+  """Per-host batches of the training split; each host reads a disjoint 1/process_count slice."""
+  global_batch = config.train.batch_size
+  if global_batch % process_count:
+    raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of "
+                     f"processes {process_count}")
+  src = source if source is not None else make_source(config, "train")
+  ds = grain.MapDataset.source(src)
+  if len(src) < 2**30:  # finite sources: reshuffle every epoch and repeat forever
+    ds = ds.shuffle(seed=config.seed).repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.map(Encode(config.model.text.context_length, config.model.image.image_size,
+                     config.model.image.channels))
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  opts = grain.ReadOptions(num_threads=max(1, config.data.num_workers or 2),
+                           prefetch_buffer_size=max(1, config.data.prefetch))
+  return ds.to_iter_dataset(opts)
+
+
+@dataclasses.dataclass
+class EvalTask:
+  """Held-out images with their captions (retrieval) and labels (zero-shot)."""
+  name: str
+  images: np.ndarray  # N x H x W x C uint8
+  tokens: np.ndarray  # N x T int32 (captions, for retrieval)
+  labels: Optional[np.ndarray]  # N int32 (zero-shot), or None
+  class_names: Sequence[str] = ()
+  templates: Sequence[str] = ()
+
+  def prompt_tokens(self, context_length: int) -> np.ndarray:
+    """C x M x T tokens: every class name in every template."""
+    prompts = [[t.format(c) for t in self.templates] for c in self.class_names]
+    flat = tokenizer_lib.tokenize([p for row in prompts for p in row], context_length)
+    return flat.reshape(len(self.class_names), len(self.templates), context_length)
+
+
+def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTask:
+  """The eval split as an in-memory EvalTask (first `num_samples` records)."""
+  src = source if source is not None else make_source(config, "eval")
+  n = min(len(src), num_samples or config.eval.num_samples)
+  recs = [src[i] for i in range(n)]
+  enc = Encode(config.model.text.context_length, config.model.image.image_size,
+               config.model.image.channels)
+  images = np.stack([enc.map(r)["image"] for r in recs])
+  tokens = tokenizer_lib.tokenize([r["caption"] for r in recs],
+                                  config.model.text.context_length).astype(np.int32)
+  labels = None
+  if all("label" in r for r in recs):
+    labels = np.asarray([r["label"] for r in recs], np.int32)
+  return EvalTask(name=config.data.name, images=images, tokens=tokens, labels=labels,
+                  class_names=tuple(getattr(src, "class_names", ())),
+                  templates=tuple(getattr(src, "templates", ())))

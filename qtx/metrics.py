@@ -1,0 +1,64 @@
+"""Metrics sink: one JSON object per logging event in WORKDIR/metrics.jsonl, plus TensorBoard
+event files beside it (tensorboardX, no TensorFlow needed)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _py(v: Any):
+  if isinstance(v, (np.ndarray, jax.Array)):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  return v
+
+
+class MetricsWriter:
+  """Appends to metrics.jsonl (only process 0 writes)."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+        except ImportError:  # optional
+          self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({k: _py(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row, allow_nan=True) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+      self._tb = None
+
+
+def read(workdir_or_path: str) -> list[dict]:
+  path = workdir_or_path
+  if os.path.isdir(path):
+    path = os.path.join(path, "metrics.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

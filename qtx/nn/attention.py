@@ -1,0 +1,228 @@
+"""Multi-head attention with a pluggable normalizer, optional gating and quantization points.
+
+scores = scale * q.k  ->  normalizer  ->  P.V  ->  (gate)  ->  output projection.
+
+Quantization points (active only when a QuantConfig is enabled): q/k/v/out linear outputs,
+the scores (normalizer input), the probabilities (normalizer output) and the context P.V.
+Gates and their parameters stay in float (Bondarenko et al. 2023, section 4.2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtx.nn import normalizers
+from qtx.quant.layers import ActQuant, QDense, QuantConfig
+
+GATES = ("none", "linear", "mlp", "all_heads_linear")
+IMPLS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Hashable, validated view of a tower's `attention` config block."""
+  normalizer: str = "softmax"
+  gamma: float = 0.0
+  alpha: Optional[float] = None
+  zeta: float = 1.0
+  gamma_warmup_steps: int = 0
+  softplus_p: float = 15.0
+  softplus_eps: float = 1e-6
+  gate: str = "none"
+  gate_hidden: int = 4
+  gate_pi_init: float = 0.5
+  impl: str = "xla"
+
+  def __post_init__(self):
+    normalizers.get(self.normalizer, **self.normalizer_kwargs())  # validates name and values
+    if self.gate not in GATES:
+      raise ValueError(f"unknown attention gate {self.gate!r}; choose one of {GATES}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
+    if not 0.0 < self.gate_pi_init < 1.0:
+      raise ValueError(f"gate_pi_init must be in (0, 1), got {self.gate_pi_init}")
+    if self.impl == "pallas" and self.normalizer == "softplus":
+      raise ValueError("impl='pallas' supports softmax and clipped_softmax, not 'softplus'")
+
+  @classmethod
+  def from_config(cls, c) -> "AttentionConfig":
+    d = dict(c) if not hasattr(c, "to_dict") else c.to_dict()
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown attention config keys {sorted(unknown)}; accepted: "
+                       f"{sorted(f.name for f in dataclasses.fields(cls))}")
+    return cls(**d)
+
+  def normalizer_kwargs(self, gamma_scale=1.0) -> dict[str, Any]:
+    if self.normalizer == "clipped_softmax":
+      if self.alpha is not None:
+        return dict(alpha=self.alpha, zeta=self.zeta, gamma_scale=gamma_scale)
+      return dict(gamma=self.gamma, zeta=self.zeta, gamma_scale=gamma_scale)
+    if self.normalizer == "softplus":
+      return dict(p=self.softplus_p, eps=self.softplus_eps)
+    return {}
+
+
+def gamma_ramp(cfg: AttentionConfig, step) -> jax.Array | float:
+  """Fraction of gamma in force at `step`: a linear warm-up from 0 (1.0 when off)."""
+  if cfg.gamma_warmup_steps <= 0 or step is None:
+    return 1.0
+  return jnp.clip(jnp.asarray(step, jnp.float32) / cfg.gamma_warmup_steps, 0.0, 1.0)
+
+
+class HeadGate(nn.Module):
+  """Per-head, per-token sigmoid gate from the attention input (Bondarenko et al. eqs. 5-7).
+
+  linear: head i's gate is a linear map of the i-th d_head slice of x (d_head -> 1);
+  mlp: d_head -> hidden -> ReLU -> 1 per head; all_heads_linear: d_model -> n_heads.
+  The output bias starts at logit(pi_init) so the initial gate is pi_init. Returns B x T x H.
+  """
+  kind: str
+  num_heads: int
+  hidden: int = 4
+  pi_init: float = 0.5
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    B, T, D = x_BxTxD.shape
+    H = self.num_heads
+    x = x_BxTxD.astype(jnp.float32)  # gates stay in float
+    b0 = math.log(self.pi_init / (1.0 - self.pi_init))
+    bias_init = nn.initializers.constant(b0)
+    if self.kind == "all_heads_linear":
+      w = self.param("kernel", nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("embed", "heads")), (D, H))
+      b = self.param("bias", nn.with_logical_partitioning(bias_init, ("heads",)), (H,))
+      logits = x @ w + b
+    else:
+      K = D // H
+      x_BxTxHxK = x.reshape(B, T, H, K)
+      if self.kind == "linear":
+        w = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(batch_axis=(0,)), ("heads", "kv")), (H, K))
+        b = self.param("bias", nn.with_logical_partitioning(bias_init, ("heads",)), (H,))
+        logits = jnp.einsum("bthk,hk->bth", x_BxTxHxK, w) + b
+      elif self.kind == "mlp":
+        w1 = self.param("hidden_kernel", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(batch_axis=(0,)), ("heads", "kv", None)),
+                        (H, K, self.hidden))
+        b1 = self.param("hidden_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("heads", None)), (H, self.hidden))
+        w2 = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(batch_axis=(0,)), ("heads", None)), (H, self.hidden))
+        b = self.param("bias", nn.with_logical_partitioning(bias_init, ("heads",)), (H,))
+        h = jax.nn.relu(jnp.einsum("bthk,hkn->bthn", x_BxTxHxK, w1) + b1)
+        logits = jnp.einsum("bthn,hn->bth", h, w2) + b
+      else:
+        raise ValueError(f"unknown attention gate {self.kind!r}; choose one of {GATES}")
+    gate = jax.nn.sigmoid(logits)
+    self.sow("intermediates", "gate", gate)
+    return gate
+
+
+def _row_key_counts(T: int, S: int, causal: bool, key_mask_BxS):
+  """Keys each query row sees, broadcastable to B x H x T x 1."""
+  n = jnp.full((1, 1, T, 1), float(S), jnp.float32)
+  if causal:
+    n = jnp.minimum(n, (jnp.arange(T, dtype=jnp.float32) + 1.0 + (S - T))[None, None, :, None])
+  if key_mask_BxS is not None:
+    n = jnp.minimum(n, jnp.sum(key_mask_BxS, -1, dtype=jnp.float32)[:, None, None, None])
+  return n
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention; x_BxTxD is the (pre-LayerNorm'ed) block input."""
+  num_heads: int
+  cfg: AttentionConfig = AttentionConfig()
+  causal: bool = False
+  dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
+    B, T, D = x_BxTxD.shape
+    H = self.num_heads
+    if D % H:
+      raise ValueError(f"width {D} is not divisible by the number of heads {H}")
+    K = D // H
+    cfg = self.cfg
+    norm = normalizers.get(cfg.normalizer, **cfg.normalizer_kwargs(gamma_ramp(cfg, step)))
+
+    def proj(name):
+      return QDense(H * K, dtype=self.dtype, cfg=self.quant, name=name,
+                    kernel_init=nn.with_logical_partitioning(
+                        nn.initializers.lecun_normal(), ("embed", "heads")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)))
+
+    q_BxTxHxK = proj("query")(x_BxTxD).reshape(B, T, H, K)
+    k_BxSxHxK = proj("key")(x_BxTxD).reshape(B, T, H, K)
+    v_BxSxHxK = proj("value")(x_BxTxD).reshape(B, T, H, K)
+    n_keys = _row_key_counts(T, T, self.causal, key_mask_BxS)
+    if norm.normalize_qk:
+      q_BxTxHxK = _l2_normalize(q_BxTxHxK)
+      k_BxSxHxK = _l2_normalize(k_BxSxHxK)
+
+    # A constant gamma is what the Pallas kernels take; alpha with causal/padding rows gives a
+    # per-row gamma, which runs through the XLA normalizer instead.
+    per_row_gamma = cfg.alpha is not None and (self.causal or key_mask_BxS is not None)
+    pallas = (cfg.impl == "pallas" and cfg.normalizer in ("softmax", "clipped_softmax")
+              and not per_row_gamma)
+    gamma = None
+    if pallas and cfg.normalizer == "clipped_softmax":
+      g = -cfg.alpha / T if cfg.alpha is not None else cfg.gamma
+      gamma = jnp.asarray(g, jnp.float32) * gamma_ramp(cfg, step)
+    use_fused = (pallas and not (self.quant and self.quant.enabled)
+                 and not self.is_mutable_collection("intermediates"))
+    if use_fused:
+      from qtx import kernels
+      ctx_BxTxHxK = kernels.two_pass_attention(
+          q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, causal=self.causal, key_mask_BxS=key_mask_BxS,
+          gamma=gamma, zeta=cfg.zeta, scale=1.0 / math.sqrt(K)).astype(self.dtype)
+    else:
+      scale = norm.score_scale(K, n_keys)
+      s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
+          scale, jnp.float32).astype(q_BxTxHxK.dtype)
+      s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(s_BxHxTxS)
+      where = _mask(T, T, self.causal, key_mask_BxS)
+      if pallas:
+        from qtx import kernels
+        p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, gamma=gamma, zeta=cfg.zeta)
+      else:
+        p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys)
+      p_BxHxTxS = p_BxHxTxS.astype(self.dtype)
+      self.sow("intermediates", "attn_probs", p_BxHxTxS)
+      p_BxHxTxS = ActQuant(cfg=self.quant, point="attn_probs", name="probs_quant")(p_BxHxTxS)
+      ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
+    ctx_BxTxHxK = ActQuant(cfg=self.quant, point="attn_context", name="context_quant")(
+        ctx_BxTxHxK)
+    if cfg.gate != "none":
+      gate_BxTxH = HeadGate(cfg.gate, H, cfg.gate_hidden, cfg.gate_pi_init, name="gate")(x_BxTxD)
+      ctx_BxTxHxK = ctx_BxTxHxK * gate_BxTxH[..., None].astype(ctx_BxTxHxK.dtype)
+    ctx_BxTxD = nn.with_logical_constraint(ctx_BxTxHxK.reshape(B, T, D),
+                                           ("batch", "length", "act_heads"))
+    return QDense(D, dtype=self.dtype, cfg=self.quant, name="out",
+                  kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.lecun_normal(), ("heads", "embed")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+                      ctx_BxTxD)
+
+
+def _l2_normalize(x, eps=1e-6):
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _mask(T, S, causal, key_mask_BxS):
+  """Boolean mask broadcastable to B x H x T x S (True = attend), or None."""
+  where = None
+  if causal:
+    where = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
+  if key_mask_BxS is not None:
+    km = key_mask_BxS.astype(bool)[:, None, None, :]
+    where = km if where is None else where & km
+  return where

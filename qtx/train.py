@@ -1,0 +1,276 @@
+"""Train state, optimizer, jitted sharded train step, and the training loop.
+
+Flow: config -> grain pipeline (per host) -> global sharded batch -> jitted step
+(model + loss + AdamW) -> metrics.jsonl / TensorBoard / checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from qtx import checkpoint as ckpt_lib
+from qtx import config_lib, evaluate, losses, parallel
+from qtx.data import pipeline
+from qtx.metrics import MetricsWriter
+from qtx.nn.clip import CLIP, build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+def lr_schedule(config) -> optax.Schedule:
+  t = config.train
+  if t.total_steps <= 0:
+    raise ValueError(f"train.total_steps must be > 0, got {t.total_steps}")
+  warmup = min(t.warmup_steps, t.total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
+      decay_steps=max(t.total_steps, warmup + 1), end_value=t.lr * t.end_lr_fraction)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine, global-norm clipping; no weight decay on gains, biases and the
+  temperature (parameters with fewer than 2 dimensions)."""
+  t = config.train
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = []
+  if t.grad_clip and t.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(t.grad_clip))
+  parts.append(optax.adamw(lr_schedule(config), b1=t.b1, b2=t.b2, eps=1e-8,
+                           weight_decay=t.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def _dummy_inputs(config, batch: int = 1):
+  img = config.model.image
+  images = jnp.zeros((batch, img.image_size, img.image_size, img.channels), jnp.uint8)
+  tokens = jnp.zeros((batch, config.model.text.context_length), jnp.int32)
+  return images, tokens
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built once from the config."""
+  config: Any
+  model: CLIP
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_sharding: Any
+  abstract_state: Any
+
+
+def setup(config, devices=None) -> Setup:
+  config_lib.validate(config)
+  mesh = parallel.make_mesh(config.mesh.shape, devices)
+  rules = parallel.rules_from_config(config)
+  model = build_model(config)
+  tx = make_optimizer(config)
+
+  def init_fn(rng):
+    images, tokens = _dummy_inputs(config)
+    params = model.init(rng, images, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(nn.meta.unbox(params)))
+
+  boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  logical = nn.get_partition_spec(boxed)
+  state_sharding = parallel.logical_to_sharding(logical, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  parallel.check_fsdp(state_sharding.params, abstract.params, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sharding)
+  return Setup(config, model, tx, mesh, rules, state_sharding, abstract)
+
+
+def init_state(s: Setup, seed: int) -> TrainState:
+  config, model, tx = s.config, s.model, s.tx
+
+  def init_fn(rng):
+    images, tokens = _dummy_inputs(config)
+    params = nn.meta.unbox(model.init(rng, images, tokens)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(init_fn, out_shardings=s.state_sharding)(jax.random.key(seed))
+
+
+def loss_fn(model: CLIP, config, params, batch, step):
+  zi, zt, scale, bias = model.apply({"params": params}, batch["image"], batch["tokens"], step)
+  loss = losses.compute(config.loss.name, zi, zt, scale, bias, config.loss.max_logit_scale,
+                        config.loss.impl)
+  return loss, {"logit_scale": jnp.minimum(jnp.exp(scale), config.loss.max_logit_scale)}
+
+
+def make_train_step(s: Setup) -> Callable:
+  config, model, tx = s.config, s.model, s.tx
+  sched = lr_schedule(config)
+  max_log_scale = math.log(config.loss.max_logit_scale)
+
+  def step_fn(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, config, p, batch, state.step),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = dict(params)
+    params["logit_scale"] = jnp.minimum(params["logit_scale"], max_log_scale)
+    metrics = {"train/loss": loss, "train/lr": sched(state.step),
+               "train/grad_norm": optax.global_norm(grads),
+               "train/logit_scale": aux["logit_scale"]}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_sh = parallel.batch_sharding(s.mesh, s.rules)
+  return jax.jit(step_fn, in_shardings=(s.state_sharding, batch_sh),
+                 out_shardings=(s.state_sharding, parallel.replicated(s.mesh)),
+                 donate_argnums=(0,))
+
+
+def make_encoders(s: Setup, variables_extra: Optional[dict] = None, model: Optional[CLIP] = None):
+  """Jitted (params -> fn(images)), (params -> fn(tokens)) returning normalised embeddings."""
+  model = model or s.model
+  extra = variables_extra or {}
+  enc_i = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_image))
+  enc_t = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_text))
+  return enc_i, enc_t
+
+
+def _progress(total, initial):
+  try:
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0, mininterval=2.0)
+  except ImportError:  # pragma: no cover
+    return None
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train (resuming from WORKDIR/checkpoints if present), evaluate, return final metrics."""
+  s = setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  writer = MetricsWriter(workdir)
+  mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), config)
+  data_iter = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  state = None
+  restored = mgr.restore_latest(s.abstract_state, data_iter)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d", int(state.step))
+  elif config.init_from:
+    state = ckpt_lib.init_from(config.init_from, s, config.seed)
+  if state is None:
+    state = init_state(s, config.seed)
+  start = int(state.step)
+  total = config.train.total_steps
+  step_fn = make_train_step(s)
+  enc_i, enc_t = make_encoders(s)
+  task = pipeline.eval_task(config) if config.eval.every_steps >= 0 else None
+  sps_hist = []
+  last: dict = {}
+  bar = _progress(total, start)
+  t_log, n_log = time.perf_counter(), 0
+  pending = None  # (step, metrics) of the previous step, checked after the next dispatch
+  interrupted = ckpt_lib.PreemptionWatcher()
+  try:
+    for step in range(start, total):
+      batch = parallel.global_batch(next(data_iter), s.mesh, s.rules)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step + 1, metrics)
+      n_log += 1
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        _check_finite(*pending)
+        m = jax.device_get(metrics)
+        dt = time.perf_counter() - t_log
+        sps = n_log * config.train.batch_size / dt
+        if done > start + config.train.log_every:  # skip the interval with compilation
+          sps_hist.append(sps)
+        m["train/samples_per_sec"] = sps
+        writer.write(done, m)
+        last.update(m)
+        if bar is not None:
+          bar.set_postfix(loss=f"{float(m['train/loss']):.3f}", sps=f"{sps:.0f}")
+        t_log, n_log = time.perf_counter(), 0
+      if bar is not None:
+        bar.update(1)
+      if task is not None and config.eval.every_steps > 0 and (
+          done % config.eval.every_steps == 0) and done != total:
+        ev = evaluate.evaluate(lambda x: enc_i(state.params, x), lambda x: enc_t(state.params, x),
+                               task, config.eval.batch_size)
+        writer.write(done, ev)
+        last.update(ev)
+        t_log = time.perf_counter()
+      if mgr.should_save(done) or interrupted.requested():
+        _check_finite(*pending)
+        mgr.save(done, state, data_iter)
+        if interrupted.requested():
+          mgr.wait()
+          logging.warning("preemption signal: checkpoint saved at step %d, exiting", done)
+          print(f"qtx: preempted, checkpoint saved at step {done}", flush=True)
+          last["preempted_at"] = done
+          return last
+    if pending is not None:
+      _check_finite(*pending)
+    final_step = int(state.step)
+    if task is not None:
+      ev = evaluate.evaluate(lambda x: enc_i(state.params, x), lambda x: enc_t(state.params, x),
+                             task, config.eval.batch_size)
+      writer.write(final_step, ev)
+      last.update(ev)
+    mgr.save(final_step, state, data_iter, force=True)
+    mgr.wait()
+  finally:
+    interrupted.close()
+    if bar is not None:
+      bar.close()
+    writer.close()
+    mgr.close()
+  if sps_hist:
+    last["train/samples_per_sec_steady"] = float(np.median(sps_hist))
+  summary = _summary(final_step, last)
+  writer_summary = {k: v for k, v in last.items() if k == "train/samples_per_sec_steady"}
+  if writer_summary:
+    MetricsWriter(workdir, tensorboard=False).write(final_step, writer_summary)
+  if jax.process_index() == 0:
+    print(summary, flush=True)
+  return last
+
+
+def _check_finite(step, metrics):
+  loss = float(jax.device_get(metrics["train/loss"]))
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"training loss is {loss} at step {step}; stopping. The last checkpoint saved before "
+        f"this step is intact; lower train.lr or check the data.")
+
+
+def _summary(step, m) -> str:
+  parts = [f"qtx: step {step}"]
+  for key, label, fmt in (("train/loss", "loss", "{:.4f}"),
+                          ("eval/zeroshot_top1", "zero-shot top-1", "{:.1%}"),
+                          ("eval/i2t_r1", "i2t R@1", "{:.1%}"),
+                          ("eval/t2i_r1", "t2i R@1", "{:.1%}"),
+                          ("train/samples_per_sec_steady", "samples/s", "{:.0f}")):
+    if key in m:
+      parts.append(f"{label} {fmt.format(float(m[key]))}")
+  return " | ".join(parts)
