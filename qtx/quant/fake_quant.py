@@ -61,7 +61,7 @@ def quant_grid(x_min, x_max, num_bits: int = 8, symmetric: bool = False,
   """Scale and zero point of the grid covering [x_min, x_max].
 
   A degenerate range (x_min == x_max == 0) yields the smallest positive normal scale instead
-  of 0, so that every input maps to 0 without producing NaN.
+  of 0, so that nothing divides by zero; `fake_quant` then maps every input to exactly 0.
   """
   q_lo, q_hi = integer_bounds(num_bits, symmetric)
   x_min = jnp.asarray(x_min, dtype)
@@ -111,6 +111,11 @@ def fake_quant(x, x_min, x_max, num_bits: int = 8, symmetric: bool = False):
   x_hat = dequantize(quantize(jax.lax.stop_gradient(x_c), grid), grid)
   lo = grid.scale * (grid.q_lo - grid.zero_point)
   hi = grid.scale * (grid.q_hi - grid.zero_point)
+  # Degenerate range [0, 0]: the only representable value is 0.
+  degenerate = grid.scale <= jnp.finfo(dtype).tiny
+  x_hat = jnp.where(degenerate, 0.0, x_hat)
+  lo = jnp.where(degenerate, 0.0, lo)
+  hi = jnp.where(degenerate, 0.0, hi)
   inside = jax.lax.stop_gradient((x_c >= lo) & (x_c <= hi))
   # Forward value is exactly x_hat (the where-term is 0); backward passes 1 where `inside`.
   ste = jnp.where(inside, x_c - jax.lax.stop_gradient(x_c), jnp.zeros_like(x_c))

@@ -1,0 +1,208 @@
+"""Activation outlier statistics as reported by Bondarenko et al. 2023 (PAPERS.md section 1).
+
+For every monitored tensor (each block's output and each FFN output), per sequence b:
+  inf_norm[b] = max |x[b]| over the flattened T x D tensor,
+  kurtosis[b] = mean((x[b] - mu)^4) / var^2 over the same flattened tensor (non-excess;
+                Gaussian ~= 3, uniform ~= 1.8).
+Both are averaged over sequences (the whole validation set). Over tensors:
+  max_inf_norm = max of the per-tensor mean inf-norms,
+  avg_kurtosis = mean of the per-tensor mean kurtoses.
+
+`summarize` works on one batch (jittable); `OutlierAccumulator` streams over batches and gives
+the mean over all sequences seen. Result keys: 'max_inf_norm', 'avg_kurtosis',
+'inf_norm/<tensor>', 'kurtosis/<tensor>'.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INF_NORM = "inf_norm"
+KURTOSIS = "kurtosis"
+
+
+def _f32(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(
+      x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def kurtosis(x, axis=None, keepdims: bool = False):
+  """Non-excess kurtosis mean((x - mu)^4) / var^2 over axis (all axes when None).
+
+  Computed in float32 (or wider). A constant slice (var == 0) has kurtosis 0 by definition
+  here, so that averages stay finite.
+  """
+  x = _f32(x)
+  mu = jnp.mean(x, axis=axis, keepdims=True)
+  d2 = jnp.square(x - mu)
+  var = jnp.mean(d2, axis=axis, keepdims=keepdims)
+  m4 = jnp.mean(jnp.square(d2), axis=axis, keepdims=keepdims)
+  safe = jnp.where(var > 0, var, 1.0)
+  return jnp.where(var > 0, m4 / jnp.square(safe), 0.0)
+
+
+def _sequence_axes(x) -> tuple[int, ...]:
+  if jnp.ndim(x) < 2:
+    raise ValueError(f"expected a batch of sequences (B x T x ...), got shape {jnp.shape(x)}")
+  return tuple(range(1, jnp.ndim(x)))
+
+
+def inf_norm_per_sequence(x_BxTxD):
+  """max |x| of every sequence over all non-batch axes -> B."""
+  return jnp.max(jnp.abs(_f32(x_BxTxD)), axis=_sequence_axes(x_BxTxD))
+
+
+def kurtosis_per_sequence(x_BxTxD):
+  """Kurtosis of every sequence over its flattened non-batch axes -> B."""
+  return kurtosis(x_BxTxD, axis=_sequence_axes(x_BxTxD))
+
+
+def flatten_intermediates(tree: Mapping[str, Any], sep: str = "/") -> dict[str, jax.Array]:
+  """Nested dict (e.g. Flax 'intermediates') -> {'a/b/c': array}.
+
+  Tuples written by `sow` are unwrapped: a single element keeps the path, several get the
+  suffix '/<i>'. Arrays are expected to be B x T x ... (split scanned layer stacks first).
+  """
+  out: dict[str, jax.Array] = {}
+
+  def visit(prefix, node):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        visit(f"{prefix}{sep}{k}" if prefix else str(k), v)
+    elif isinstance(node, (tuple, list)):
+      if len(node) == 1:
+        visit(prefix, node[0])
+      else:
+        for i, v in enumerate(node):
+          visit(f"{prefix}{sep}{i}", v)
+    else:
+      out[prefix] = node
+
+  visit("", tree)
+  return out
+
+
+def per_sequence_stats(intermediates: Mapping[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{name: (inf_norm_B, kurtosis_B)} for every tensor in (possibly nested) intermediates."""
+  flat = flatten_intermediates(intermediates)
+  return {k: (inf_norm_per_sequence(v), kurtosis_per_sequence(v)) for k, v in flat.items()}
+
+
+def _aggregate(means: Mapping[str, tuple[Any, Any]], xp) -> dict[str, Any]:
+  if not means:
+    raise ValueError("no tensors to summarize (empty intermediates)")
+  out = {}
+  for k, (inf, kurt) in means.items():
+    out[f"{INF_NORM}/{k}"] = inf
+    out[f"{KURTOSIS}/{k}"] = kurt
+  out["max_inf_norm"] = xp.max(xp.stack([v[0] for v in means.values()]))
+  out["avg_kurtosis"] = xp.mean(xp.stack([v[1] for v in means.values()]))
+  return out
+
+
+def summarize(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Outlier summary of one batch (jittable).
+
+  Returns 'inf_norm/<name>' and 'kurtosis/<name>' (means over the sequences of the batch),
+  'max_inf_norm' (max over tensors) and 'avg_kurtosis' (mean over tensors).
+  """
+  stats = per_sequence_stats(intermediates)
+  return _aggregate({k: (jnp.mean(i), jnp.mean(c)) for k, (i, c) in stats.items()}, jnp)
+
+
+_per_sequence_stats_jit = jax.jit(per_sequence_stats)
+
+
+class OutlierAccumulator:
+  """Streams `summarize` over batches: means over all sequences seen, then over tensors.
+
+    acc = OutlierAccumulator()
+    for batch in data: acc.update(intermediates_of(batch))
+    metrics = acc.result()   # same keys as summarize, Python floats
+  """
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self._sums: dict[str, np.ndarray] = {}
+    self._counts: dict[str, int] = {}
+
+  def update(self, intermediates: Mapping[str, Any]) -> None:
+    stats = jax.device_get(_per_sequence_stats_jit(dict(intermediates)))
+    for k, (inf, kurt) in stats.items():
+      s = np.array([np.sum(inf, dtype=np.float64), np.sum(kurt, dtype=np.float64)])
+      self._sums[k] = self._sums.get(k, np.zeros(2)) + s
+      self._counts[k] = self._counts.get(k, 0) + int(np.shape(inf)[0])
+
+  @property
+  def num_sequences(self) -> dict[str, int]:
+    return dict(self._counts)
+
+  def result(self) -> dict[str, float]:
+    means = {k: tuple(self._sums[k] / self._counts[k]) for k in self._sums}
+    return {k: float(v) for k, v in _aggregate(means, np).items()}
+
+
+def per_layer_values(summary: Mapping[str, Any], metric: str) -> dict[str, float]:
+  """{tensor: value} of one metric ('inf_norm' or 'kurtosis') from a summary dict."""
+  prefix = f"{metric}/"
+  return {k[len(prefix):]: float(v) for k, v in summary.items() if k.startswith(prefix)}
+
+
+def plot_outliers(per_layer: Mapping[str, Mapping[str, Any]], path: str,
+                  metrics: tuple[str, ...] = (INF_NORM, KURTOSIS), title: str | None = None,
+                  log_scale: bool = True) -> str:
+  """Saves a PNG of per-layer inf-norm and kurtosis, one bar group per layer and one bar
+  colour per normalizer.
+
+  per_layer maps a normalizer name to either a summary dict (keys 'inf_norm/<layer>',
+  'kurtosis/<layer>', as returned by summarize / OutlierAccumulator.result) or a nested
+  {metric: {layer: value}} dict. Returns path.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  if not per_layer:
+    raise ValueError("plot_outliers: per_layer is empty")
+
+  def values(entry, metric):
+    if metric in entry and isinstance(entry[metric], Mapping):
+      return {str(k): float(v) for k, v in entry[metric].items()}
+    return per_layer_values(entry, metric)
+
+  names = list(per_layer)
+  n_layers = max(len(values(per_layer[n], m)) for n in names for m in metrics)
+  # Figure + Agg canvas directly: no pyplot state, no global backend switch.
+  fig = Figure(figsize=(max(6.0, 0.4 * n_layers + 2.0), 3.2 * len(metrics)))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(len(metrics), 1, squeeze=False)
+  width = 0.8 / len(names)
+  for ax, metric in zip(axes[:, 0], metrics):
+    layers: list[str] = []
+    for n in names:
+      for layer in values(per_layer[n], metric):
+        if layer not in layers:
+          layers.append(layer)
+    xs = np.arange(len(layers))
+    for i, n in enumerate(names):
+      vals = values(per_layer[n], metric)
+      ys = [vals.get(layer, np.nan) for layer in layers]
+      ax.bar(xs + (i - (len(names) - 1) / 2) * width, ys, width, label=n)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+    label = {INF_NORM: "inf-norm (mean over sequences)",
+             KURTOSIS: "kurtosis (mean over sequences)"}.get(metric, metric)
+    ax.set_ylabel(label, fontsize=8)
+    if log_scale:
+      ax.set_yscale("log")
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
