@@ -1,0 +1,167 @@
+"""Attention normalizers: exact properties of softmax, clipped softmax and softplus attention."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtx.nn import normalizers as N
+
+
+def _np_softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+class SoftmaxTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rows_sum_to_one_and_match_numpy(self):
+    x = jax.random.normal(jax.random.key(0), (3, 5, 17)) * 4
+    y = self.variant(N.softmax)(x)
+    np.testing.assert_allclose(np.sum(y, -1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(y, _np_softmax(np.asarray(x)), rtol=1e-5, atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mask_exact_zeros_and_fully_masked_row(self):
+    x = jax.random.normal(jax.random.key(1), (2, 4, 6))
+    where = jnp.array([[True, False, True, True, False, True]] * 3 + [[False] * 6])
+    y = self.variant(lambda x: N.softmax(x, where=where))(x)
+    assert np.all(np.asarray(y)[:, ~np.asarray(where)] == 0.0)
+    np.testing.assert_allclose(np.sum(y[:, :3], -1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(y[:, 3], 0.0)
+    g = jax.grad(lambda x: jnp.sum(N.softmax(x, where=where) ** 2))(x)
+    assert np.all(np.isfinite(g))
+
+  def test_large_magnitudes(self):
+    x = jnp.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]])
+    y = N.softmax(x)
+    np.testing.assert_allclose(y, [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3]], atol=1e-6)
+
+  def test_bf16_in_bf16_out(self):
+    x = jax.random.normal(jax.random.key(2), (4, 9)).astype(jnp.bfloat16)
+    y = N.softmax(x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               _np_softmax(np.asarray(x, np.float32)), atol=4e-3)
+
+
+class ClippedSoftmaxTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equals_formula(self):
+    x = jax.random.normal(jax.random.key(3), (4, 33)) * 3
+    gamma, zeta = -0.03, 1.1
+    y = self.variant(lambda x: N.clipped_softmax(x, gamma, zeta))(x)
+    ref = np.clip((zeta - gamma) * _np_softmax(np.asarray(x)) + gamma, 0, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-7)
+
+  def test_exact_zeros_below_threshold(self):
+    x = jax.random.normal(jax.random.key(4), (8, 64)) * 2
+    gamma = -0.02
+    s = np.asarray(N.softmax(x))
+    y = np.asarray(N.clipped_softmax(x, gamma))
+    below = s < -gamma / (1 - gamma)
+    assert below.any() and (~below).any()
+    assert np.all(y[below] == 0.0)
+    assert np.all(y[~below] > 0.0)
+
+  def test_ones_above_upper_threshold(self):
+    x = jnp.array([[10.0, 0.0, 0.0]])
+    y = N.clipped_softmax(x, gamma=-0.1, zeta=1.2)
+    assert float(y[0, 0]) == 1.0
+
+  def test_gamma_zero_zeta_one_is_softmax(self):
+    x = jax.random.normal(jax.random.key(5), (5, 19))
+    np.testing.assert_array_equal(N.clipped_softmax(x, 0.0, 1.0), N.softmax(x))
+
+  def test_masked_entries_stay_zero(self):
+    x = jax.random.normal(jax.random.key(6), (3, 10))
+    where = jnp.arange(10)[None, :] < jnp.array([[10], [4], [0]])
+    y = np.asarray(N.clipped_softmax(x, -0.01, 1.05, where=where))
+    assert np.all(y[~np.asarray(where)] == 0.0)
+    np.testing.assert_array_equal(y[2], 0.0)
+
+  def test_no_gradient_in_clipped_region_and_finite(self):
+    x = jax.random.normal(jax.random.key(7), (2, 50)) * 3
+    gamma = -0.05
+    s = np.asarray(N.softmax(x))
+    g = jax.grad(lambda x: jnp.sum(N.clipped_softmax(x, gamma) * jnp.arange(50.0)))(x)
+    assert np.all(np.isfinite(g))
+    # d y_k / d x for a clipped y_k is 0: with only clipped outputs weighted, gradient is 0.
+    clipped = (1 - gamma) * s + gamma <= 0
+    w = jnp.asarray(clipped, jnp.float32)
+    g2 = jax.grad(lambda x: jnp.sum(N.clipped_softmax(x, gamma) * w))(x)
+    np.testing.assert_array_equal(g2, 0.0)
+
+  def test_alpha_uses_keys_each_row_sees(self):
+    norm = N.get("clipped_softmax", alpha=2.0)
+    x = jnp.zeros((2, 8))
+    where = jnp.array([[True] * 8, [True] * 4 + [False] * 4])
+    n = jnp.sum(where, -1, keepdims=True)
+    y = norm(x, where=where, n_keys=n)
+    # uniform row: p = 1/N, gamma = -2/N -> (1 + 2/N)/N - 2/N = (1 - N)/N^2 + ... < 0 -> all 0
+    np.testing.assert_array_equal(y, 0.0)
+    y1 = N.get("clipped_softmax", alpha=0.5)(x, where=where, n_keys=n)
+    np.testing.assert_allclose(y1[0], (1 + 0.5 / 8) / 8 - 0.5 / 8, rtol=1e-6)
+    np.testing.assert_allclose(y1[1, :4], (1 + 0.5 / 4) / 4 - 0.5 / 4, rtol=1e-6)
+    np.testing.assert_array_equal(y1[1, 4:], 0.0)
+
+  def test_invalid_parameters(self):
+    with pytest.raises(ValueError, match="gamma"):
+      N.clipped_softmax(jnp.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="zeta"):
+      N.get("clipped_softmax", gamma=-0.1, zeta=0.5)
+    with pytest.raises(ValueError, match="not both"):
+      N.get("clipped_softmax", gamma=-0.1, alpha=1.0)
+
+
+class SoftplusTest(chex.TestCase):
+
+  def _ref(self, x, where, p, eps=1e-6):
+    x = np.asarray(x, np.float64)
+    w = np.broadcast_to(where, x.shape)
+    s = np.log1p(np.exp(x)) * w
+    a = s / (s.sum(-1, keepdims=True) + eps)
+    n = w.sum(-1, keepdims=True)
+    o = np.where(n <= 1, 0.0, 1.0)
+    b = np.maximum(n * a - o, 0) ** p * w
+    tot = b.sum(-1, keepdims=True)
+    return np.where(tot > 0, b / np.where(tot > 0, tot, 1), 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_reference_with_causal_mask(self):
+    T = 7
+    x = jax.random.normal(jax.random.key(8), (2, T, T)) * 2
+    where = np.tril(np.ones((T, T), bool))
+    for p in (1.0, 3.0, 15.0):
+      y = self.variant(lambda x: N.softplus_reweight(x, where=where, p=p))(x)
+      np.testing.assert_allclose(y, self._ref(x, where, p), rtol=2e-4, atol=1e-6)
+      np.testing.assert_allclose(np.sum(y, -1), 1.0, atol=1e-5)  # no row is exactly uniform
+      assert np.all(np.asarray(y)[:, ~where] == 0.0)
+    np.testing.assert_allclose(y[:, 0, 0], 1.0)  # first causal row: O = 0, kept
+
+  def test_large_p_is_finite_and_sharp(self):
+    x = jax.random.normal(jax.random.key(9), (4, 64)) * 5
+    y = N.softplus_reweight(x, p=60.0)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(np.sum(y, -1), 1.0, atol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(N.softplus_reweight(x, p=60.0) * jnp.arange(64.0)))(x)
+    assert np.all(np.isfinite(g))
+
+  def test_registry_scale_and_qk_flags(self):
+    n = N.get("softplus", p=3.0)
+    assert n.normalize_qk
+    np.testing.assert_allclose(n.score_scale(16, 100.0), np.log(16) * np.log(100), rtol=1e-6)
+    assert not N.get("softmax").normalize_qk
+    np.testing.assert_allclose(N.get("softmax").score_scale(16, 100), 0.25)
+
+
+def test_registry_unknown_name():
+  with pytest.raises(ValueError, match=r"unknown normalizer 'softmaxx'; choose one of"):
+    N.get("softmaxx")
+  with pytest.raises(ValueError, match="gate"):
+    N.get("gated")
+  with pytest.raises(TypeError, match="unexpected parameters"):
+    N.get("softmax", gamma=1.0)
+  assert set(N.names()) >= {"softmax", "clipped_softmax", "softplus"}
