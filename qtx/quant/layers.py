@@ -166,6 +166,12 @@ class ActQuant(nn.Module):
       x_min, x_max = est.minmax(x, axis=-1, keepdims=True)
       return fake_quant(x, x_min, x_max, cfg.act_bits, symmetric=False)
 
+    if not self.is_mutable_collection(QUANT_STATS) and not self.has_variable(
+        QUANT_STATS, "x_min"):
+      raise ValueError(
+          f"ActQuant {self.scope.path_text!r} (point {self.point!r}) has no '{QUANT_STATS}' "
+          f"variables; pass the collection from model.init / calibration, or apply with "
+          f"mutable=['{QUANT_STATS}'] to calibrate")
     v_min = self.variable(QUANT_STATS, "x_min", lambda: jnp.zeros((), jnp.float32))
     v_max = self.variable(QUANT_STATS, "x_max", lambda: jnp.zeros((), jnp.float32))
     v_cnt = self.variable(QUANT_STATS, "count", lambda: jnp.zeros((), jnp.int32))

@@ -164,6 +164,7 @@ def plot_outliers(per_layer: Mapping[str, Mapping[str, Any]], path: str,
   'kurtosis/<layer>', as returned by summarize / OutlierAccumulator.result) or a nested
   {metric: {layer: value}} dict. Returns path.
   """
+  from matplotlib import ticker
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -200,6 +201,8 @@ def plot_outliers(per_layer: Mapping[str, Mapping[str, Any]], path: str,
     ax.set_ylabel(label, fontsize=8)
     if log_scale:
       ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+      ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.legend(fontsize=7)
   if title:
     fig.suptitle(title)
