@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh.rules = "default"  # logical-axis rule set (qtx.parallel.RULE_SETS)
+  c.mesh.num_devices = 0  # 0 = all devices; N = the first N (e.g. a 1-device run on a host)
 
   c.quant = ml_collections.ConfigDict()
   c.quant.enabled = False

@@ -81,6 +81,8 @@ class Setup:
 
 def setup(config, devices=None) -> Setup:
   config_lib.validate(config)
+  if devices is None and config.mesh.num_devices > 0:
+    devices = jax.devices()[:config.mesh.num_devices]
   mesh = parallel.make_mesh(config.mesh.shape, devices)
   rules = parallel.rules_from_config(config)
   model = build_model(config)
@@ -134,7 +136,7 @@ def make_train_step(s: Setup) -> Callable:
     params = dict(params)
     params["logit_scale"] = jnp.minimum(params["logit_scale"], max_log_scale)
     metrics = {"train/loss": loss, "train/lr": sched(state.step),
-               "train/grad_norm": optax.global_norm(grads),
+               "train/grad_norm": optax.tree.norm(grads),
                "train/logit_scale": aux["logit_scale"]}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -232,9 +234,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pending is not None:
       _check_finite(*pending)
     final_step = int(state.step)
+    ev = {}
+    if sps_hist:
+      ev["train/samples_per_sec_steady"] = float(np.median(sps_hist))
     if task is not None:
-      ev = evaluate.evaluate(lambda x: enc_i(state.params, x), lambda x: enc_t(state.params, x),
-                             task, config.eval.batch_size)
+      ev.update(evaluate.evaluate(lambda x: enc_i(state.params, x),
+                                  lambda x: enc_t(state.params, x), task, config.eval.batch_size))
+    if ev:
       writer.write(final_step, ev)
       last.update(ev)
     mgr.save(final_step, state, data_iter, force=True)
@@ -245,12 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.close()
     writer.close()
     mgr.close()
-  if sps_hist:
-    last["train/samples_per_sec_steady"] = float(np.median(sps_hist))
   summary = _summary(final_step, last)
-  writer_summary = {k: v for k, v in last.items() if k == "train/samples_per_sec_steady"}
-  if writer_summary:
-    MetricsWriter(workdir, tensorboard=False).write(final_step, writer_summary)
   if jax.process_index() == 0:
     print(summary, flush=True)
   return last

@@ -33,6 +33,7 @@ def micro_config(preset="softmax", **overrides):
   c.eval.batch_size = 32
   c.data.eval_size = 64
   c.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
+  c.mesh.num_devices = 1
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

@@ -1,0 +1,103 @@
+"""End to end: a short training run whose loss goes down, metrics.jsonl, checkpoints, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from qtx import config_lib, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO_FLAGS = [
+    "--config.model.embed_dim=16", "--config.model.image.width=32",
+    "--config.model.image.depth=1", "--config.model.image.heads=2",
+    "--config.model.image.mlp_dim=64", "--config.model.text.width=32",
+    "--config.model.text.depth=1", "--config.model.text.heads=2",
+    "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16",
+    "--config.data.image_size=16", "--config.model.text.context_length=16",
+    "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
+    "--config.data.eval_size=16", "--config.train.log_every=2", "--config.mesh.num_devices=1",
+]
+
+
+def test_training_reduces_loss_and_writes_metrics(tmp_path, capsys):
+  c = micro_config(**{"train.total_steps": 40, "train.lr": 3e-3, "train.log_every": 4,
+                      "train.warmup_steps": 4, "eval.every_steps": 20,
+                      "checkpoint.every_steps": 20})
+  out = train.train_and_evaluate(c, str(tmp_path))
+  rows = metrics.read(str(tmp_path))
+  losses = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert len(losses) == 10
+  assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.3, losses
+  assert all({"step", "train/loss", "train/lr", "train/samples_per_sec"} <= set(r)
+             for r in rows if "train/loss" in r)
+  evals = [r for r in rows if "eval/zeroshot_top1" in r]
+  assert [r["step"] for r in evals] == [20, 40]
+  for k in ("eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5"):
+    assert 0.0 <= evals[-1][k] <= 1.0
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
+  assert out["train/loss"] == losses[-1]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  assert "qtx: step 40 | loss" in capsys.readouterr().out
+
+
+def test_resume_continues_from_latest_checkpoint(tmp_path):
+  c = micro_config(**{"train.total_steps": 4, "checkpoint.every_steps": 2})
+  train.train_and_evaluate(c, str(tmp_path))
+  c.train.total_steps = 6
+  train.train_and_evaluate(c, str(tmp_path))
+  steps = [r["step"] for r in metrics.read(str(tmp_path)) if "train/loss" in r]
+  assert steps == [2, 4, 6]
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  c = micro_config(**{"train.total_steps": 6, "checkpoint.every_steps": 2,
+                      "train.lr": 1e30, "train.warmup_steps": 1, "train.grad_clip": 0.0})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+    train.train_and_evaluate(c, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert saved and saved[-1] <= 4
+
+
+def test_unknown_normalizer_and_bad_values_are_clear_errors():
+  c = micro_config()
+  c.model.image.attention.normalizer = "softmaxx"
+  with pytest.raises(ValueError, match=r"model.image.attention: unknown normalizer 'softmaxx'"):
+    config_lib.validate(c)
+  c = micro_config()
+  c.model.text.attention.gate = "sigmoid"
+  with pytest.raises(ValueError, match=r"unknown attention gate 'sigmoid'; choose one of"):
+    config_lib.validate(c)
+  c = micro_config(**{"loss.name": "triplet"})
+  with pytest.raises(ValueError, match=r"unknown loss.name 'triplet'"):
+    config_lib.validate(c)
+  c = micro_config(**{"data.image_size": 32})
+  with pytest.raises(ValueError, match="data.image_size 32 != model.image.image_size 16"):
+    config_lib.validate(c)
+  with pytest.raises(ValueError, match="unknown normalizer preset"):
+    config_lib.tiny_config("relu")
+
+
+def test_cli_unknown_config_key_is_an_error(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "qtx.main", "--config", "configs/clip_tiny.py",
+                      "--workdir", str(tmp_path), "--config.train.batchsize=4"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert "batchsize" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_main_job_runs(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "qtx.main", "--config",
+                      "configs/clip_tiny.py:gated", "--workdir", str(tmp_path),
+                      "--config.train.total_steps=4", "--config.eval.every_steps=0",
+                      *MICRO_FLAGS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "qtx: step 4 | loss" in r.stdout
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert rows[-1]["step"] == 4 and "eval/zeroshot_top1" in rows[-1]
+  cfg = json.load(open(tmp_path / "config.json"))
+  assert cfg["model"]["image"]["attention"]["gate"] == "linear"
