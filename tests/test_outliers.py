@@ -109,6 +109,25 @@ class SummaryTest(chex.TestCase):
     with pytest.raises(ValueError, match="empty"):
       outliers.summarize({})
 
+  def test_scanned_layers_split_and_include(self):
+    rng = np.random.default_rng(4)
+    stacked = rng.normal(size=(3, 2, 5, 4)).astype(np.float32)  # L x B x T x D
+    stacked[2, 1, 0, 0] = 50.0
+    probs = rng.uniform(size=(3, 2, 2, 5, 5)).astype(np.float32)
+    tree = {"enc": {"blocks": {"block": {"block_out": (stacked,), "attn": {"p": (probs,)}}}}}
+    flat = outliers.flatten_intermediates(tree, scanned=("blocks",),
+                                          include=outliers.TENSORS)
+    self.assertEqual(sorted(flat), [f"enc/blocks_{i}/block/block_out" for i in range(3)])
+    np.testing.assert_array_equal(flat["enc/blocks_2/block/block_out"], stacked[2])
+    s = outliers.summarize(tree, scanned=("blocks",), include=outliers.TENSORS)
+    np.testing.assert_allclose(s["max_inf_norm"], (50.0 + np.abs(stacked[2, 0]).max()) / 2,
+                               rtol=1e-6)
+    acc = outliers.OutlierAccumulator(scanned=("blocks",), include=outliers.TENSORS)
+    acc.update(tree)
+    np.testing.assert_allclose(acc.result()["avg_kurtosis"], s["avg_kurtosis"], rtol=1e-6)
+    with pytest.raises(ValueError, match="matched none"):
+      outliers.summarize(tree, include=("nothing",))
+
   def test_accumulator_equals_summary_of_concatenation(self):
     batches = [self._tensors(s, b) for s, b in ((1, 3), (2, 5), (3, 1))]
     acc = outliers.OutlierAccumulator()

@@ -12,6 +12,9 @@ Calibration state of activation quantizers lives in the variable collection 'qua
   _, upd = model.apply({'params': p, 'quant_stats': s}, batch, mutable=['quant_stats'])
   # evaluate quantized (collection read-only -> fake quant with the stored ranges)
   y = model.apply({'params': p, 'quant_stats': upd['quant_stats']}, batch)
+
+During calibration only the activation quantizers pass float through; weights are static and
+are fake-quantized in both passes, so the calibrated ranges see the quantized weights.
 """
 from __future__ import annotations
 

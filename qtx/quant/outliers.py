@@ -14,7 +14,7 @@ the mean over all sequences seen. Result keys: 'max_inf_norm', 'avg_kurtosis',
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ import numpy as np
 
 INF_NORM = "inf_norm"
 KURTOSIS = "kurtosis"
+# The tensors the paper measures: each block's output and each FFN output.
+TENSORS = ("block_out", "ffn_out")
 
 
 def _f32(x):
@@ -61,40 +63,57 @@ def kurtosis_per_sequence(x_BxTxD):
   return kurtosis(x_BxTxD, axis=_sequence_axes(x_BxTxD))
 
 
-def flatten_intermediates(tree: Mapping[str, Any], sep: str = "/") -> dict[str, jax.Array]:
-  """Nested dict (e.g. Flax 'intermediates') -> {'a/b/c': array}.
+def flatten_intermediates(tree: Mapping[str, Any], sep: str = "/",
+                          scanned: Sequence[str] = (),
+                          include: Sequence[str] | None = None) -> dict[str, jax.Array]:
+  """Nested dict (e.g. Flax 'intermediates') -> {'a/b/c': B x T x ... array}.
 
   Tuples written by `sow` are unwrapped: a single element keeps the path, several get the
-  suffix '/<i>'. Arrays are expected to be B x T x ... (split scanned layer stacks first).
+  suffix '/<i>'. `scanned` names path components of an nn.scan over layers (e.g. 'blocks'):
+  below them arrays carry a leading layer axis, which is split into one entry per layer with
+  the component renamed '<component>_<i>'. `include` keeps only tensors whose last path
+  component is listed (e.g. TENSORS = ('block_out', 'ffn_out'), the paper's choice).
   """
   out: dict[str, jax.Array] = {}
+  scanned = tuple(scanned)
 
-  def visit(prefix, node):
+  def visit(path, node):
     if isinstance(node, Mapping):
       for k, v in node.items():
-        visit(f"{prefix}{sep}{k}" if prefix else str(k), v)
+        visit(path + (str(k),), v)
     elif isinstance(node, (tuple, list)):
       if len(node) == 1:
-        visit(prefix, node[0])
+        visit(path, node[0])
       else:
         for i, v in enumerate(node):
-          visit(f"{prefix}{sep}{i}", v)
+          visit(path + (str(i),), v)
     else:
-      out[prefix] = node
+      emit(path, node)
 
-  visit("", tree)
+  def emit(path, x):
+    for j, part in enumerate(path):
+      if part in scanned:
+        for layer in range(jnp.shape(x)[0]):
+          emit(path[:j] + (f"{part}_{layer}",) + path[j + 1:], x[layer])
+        return
+    if include is None or (path and path[-1] in include):
+      out[sep.join(path)] = x
+
+  visit((), tree)
   return out
 
 
-def per_sequence_stats(intermediates: Mapping[str, Any]) -> dict[str, tuple[jax.Array, jax.Array]]:
+def per_sequence_stats(intermediates: Mapping[str, Any], scanned: Sequence[str] = (),
+                       include: Sequence[str] | None = None
+                       ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """{name: (inf_norm_B, kurtosis_B)} for every tensor in (possibly nested) intermediates."""
-  flat = flatten_intermediates(intermediates)
+  flat = flatten_intermediates(intermediates, scanned=scanned, include=include)
   return {k: (inf_norm_per_sequence(v), kurtosis_per_sequence(v)) for k, v in flat.items()}
 
 
 def _aggregate(means: Mapping[str, tuple[Any, Any]], xp) -> dict[str, Any]:
   if not means:
-    raise ValueError("no tensors to summarize (empty intermediates)")
+    raise ValueError("no tensors to summarize (empty intermediates, or `include` matched none)")
   out = {}
   for k, (inf, kurt) in means.items():
     out[f"{INF_NORM}/{k}"] = inf
@@ -104,28 +123,32 @@ def _aggregate(means: Mapping[str, tuple[Any, Any]], xp) -> dict[str, Any]:
   return out
 
 
-def summarize(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+def summarize(intermediates: Mapping[str, Any], scanned: Sequence[str] = (),
+              include: Sequence[str] | None = None) -> dict[str, jax.Array]:
   """Outlier summary of one batch (jittable).
 
   Returns 'inf_norm/<name>' and 'kurtosis/<name>' (means over the sequences of the batch),
-  'max_inf_norm' (max over tensors) and 'avg_kurtosis' (mean over tensors).
+  'max_inf_norm' (max over tensors) and 'avg_kurtosis' (mean over tensors). `scanned` and
+  `include` as in flatten_intermediates.
   """
-  stats = per_sequence_stats(intermediates)
+  stats = per_sequence_stats(intermediates, scanned, include)
   return _aggregate({k: (jnp.mean(i), jnp.mean(c)) for k, (i, c) in stats.items()}, jnp)
 
 
-_per_sequence_stats_jit = jax.jit(per_sequence_stats)
+_per_sequence_stats_jit = jax.jit(per_sequence_stats, static_argnums=(1, 2))
 
 
 class OutlierAccumulator:
   """Streams `summarize` over batches: means over all sequences seen, then over tensors.
 
-    acc = OutlierAccumulator()
+    acc = OutlierAccumulator(scanned=('blocks',), include=TENSORS)
     for batch in data: acc.update(intermediates_of(batch))
     metrics = acc.result()   # same keys as summarize, Python floats
   """
 
-  def __init__(self):
+  def __init__(self, scanned: Sequence[str] = (), include: Sequence[str] | None = None):
+    self.scanned = tuple(scanned)
+    self.include = None if include is None else tuple(include)
     self.reset()
 
   def reset(self):
@@ -133,7 +156,8 @@ class OutlierAccumulator:
     self._counts: dict[str, int] = {}
 
   def update(self, intermediates: Mapping[str, Any]) -> None:
-    stats = jax.device_get(_per_sequence_stats_jit(dict(intermediates)))
+    stats = jax.device_get(_per_sequence_stats_jit(dict(intermediates), self.scanned,
+                                                   self.include))
     for k, (inf, kurt) in stats.items():
       s = np.array([np.sum(inf, dtype=np.float64), np.sum(kurt, dtype=np.float64)])
       self._sums[k] = self._sums.get(k, np.zeros(2)) + s
@@ -201,6 +225,7 @@ def plot_outliers(per_layer: Mapping[str, Mapping[str, Any]], path: str,
     ax.set_ylabel(label, fontsize=8)
     if log_scale:
       ax.set_yscale("log")
+      ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
       ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
       ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.legend(fontsize=7)
