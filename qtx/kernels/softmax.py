@@ -129,9 +129,13 @@ def make_plan(n_rows: int, n_cols: int, dtype, interpret: Optional[bool] = None,
               block_cols: Optional[int] = None) -> RowPlan:
   """Block sizes for rows of length n_cols.
 
-  GPU: chunks of up to 4096 columns (a power of two), as many rows per program as make ~4096
-  elements. TPU: the whole row as one block, rows a multiple of 32 within a VMEM budget.
-  CPU (interpret): small chunks so that the chunked code path is exercised.
+  GPU (Triton): rows of up to 16384 entries are one chunk held in registers (read once, written
+  once), ~4096 entries per program, ~16 per thread. Longer rows are reduced in chunks of 4096 by
+  one program per row and read a second time in pass 2; 32 warps per program keep the rows in
+  flight few enough (2 programs per SM) for that second read to come from L2 on H100-class GPUs.
+  TPU (Mosaic): the whole row is one block in VMEM, row blocks of 8 (32-bit) or 16 (16-bit)
+  sublanes at least, up to ~4 MiB of x per block.
+  CPU (interpret): chunks of 128 so that the chunked path is what the tests run.
   """
   platform, interpret = resolve_platform(interpret, platform)
   if n_rows < 1 or n_cols < 1:
@@ -141,18 +145,25 @@ def make_plan(n_rows: int, n_cols: int, dtype, interpret: Optional[bool] = None,
       raise ValueError(f"{name} must be a positive power of two, got {b}")
   if platform == "tpu":
     itemsize = jnp.dtype(dtype).itemsize
-    budget = 4 * 1024 * 1024  # bytes of x per block; in/out double-buffered plus fp32 temporaries
+    budget = 4 * 1024 * 1024
     fit = max(1, budget // (n_cols * max(itemsize, 4)))
-    rows = block_rows or min(256, max(32, 1 << (fit.bit_length() - 1)))
+    sublanes = 8 if itemsize >= 4 else 16
+    rows = block_rows or min(256, max(sublanes, 1 << (fit.bit_length() - 1)))
     rows = n_rows if n_rows <= rows else rows  # a block equal to the full dimension is allowed
     return RowPlan(platform, interpret, rows, n_cols, 1, masked=False, mask_dtype=jnp.int32)
-  cap = 4096 if platform == "gpu" else 128
-  cols = block_cols or min(next_pow2(n_cols), cap)
-  rows = block_rows or max(1, min((4096 if platform == "gpu" else 1024) // cols, 64))
-  rows = min(rows, next_pow2(n_rows))
-  warps = 8 if rows * cols >= 8192 else 4
+  if platform == "gpu":
+    whole = next_pow2(n_cols)
+    cols = block_cols or (whole if whole <= 16384 else 4096)
+    rows = block_rows or max(1, 4096 // cols)
+    rows = min(rows, next_pow2(n_rows))
+    n_chunks = -(-n_cols // cols)
+    warps = 32 if n_chunks > 1 else min(16, max(4, rows * cols // 512))
+    return RowPlan(platform, interpret, rows, cols, n_chunks, masked=True, mask_dtype=jnp.int8,
+                   num_warps=warps)
+  cols = block_cols or min(next_pow2(n_cols), 128)
+  rows = min(block_rows or max(1, min(1024 // cols, 64)), next_pow2(n_rows))
   return RowPlan(platform, interpret, rows, cols, -(-n_cols // cols), masked=True,
-                 mask_dtype=jnp.int8, num_warps=warps)
+                 mask_dtype=jnp.int8)
 
 
 # ----------------------------------------------------------------------------------------------
