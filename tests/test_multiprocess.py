@@ -83,13 +83,32 @@ from qtx import parallel
 mesh = parallel.make_mesh({"data": -1})
 x = parallel.global_batch({"x": np.arange(4.0) + 4 * jax.process_index()}, mesh)["x"]
 total = jax.jit(lambda x: jnp.sum(x), out_shardings=NamedSharding(mesh, P()))(x)
+# the ring loss across processes (ppermute over gloo) against the plain global loss
+from qtx import losses, sharded_losses
+rng = np.random.default_rng(0)
+z = rng.normal(size=(2, 16, 8)).astype(np.float32)
+z /= np.linalg.norm(z, axis=-1, keepdims=True)
+half = slice(8 * jax.process_index(), 8 * jax.process_index() + 8)
+zz = parallel.global_batch({"i": z[0][half], "t": z[1][half]}, mesh)
+rep = NamedSharding(mesh, P())
+diffs = {}
+for name in ("clip", "siglip", "infoloob"):
+  def both(zi, zt):
+    f = lambda fn: jax.value_and_grad(fn, argnums=(0, 1, 2))(zi, zt, jnp.float32(1.5),
+                                                             jnp.float32(-1.0))
+    ring = f(lambda *a: sharded_losses.sharded_loss(name, *a, mesh=mesh))
+    plain = f(lambda *a: losses.compute(name, *a))
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(ring),
+                                                                       jax.tree.leaves(plain))]))
+  diffs[name] = float(jax.jit(both, out_shardings=rep)(zz["i"], zz["t"]))
 print("PROBE " + json.dumps({"pid": jax.process_index(), "count": jax.process_count(),
       "devices": jax.device_count(), "local": jax.local_device_count(),
       "mesh": list(mesh.devices.shape), "sum": float(total)}), flush=True)
+print("RING " + json.dumps(diffs), flush=True)
 """
 
 
-def test_launcher_builds_one_global_cpu_mesh(tmp_path):
+def test_launcher_builds_one_global_cpu_mesh_and_ring_losses_work_across_processes(tmp_path):
   (tmp_path / "mp_probe.py").write_text(PROBE)
   r = _launch(["--processes", "2", "--devices_per_process", "4", "--module", "mp_probe",
                "--timeout", "120"], _clean_env(tmp_path), timeout=180)
@@ -100,6 +119,11 @@ def test_launcher_builds_one_global_cpu_mesh(tmp_path):
   for i, (_, rec) in enumerate(probes):
     assert rec == {"pid": i, "count": 2, "devices": 8, "local": 4, "mesh": [8, 1, 1],
                    "sum": float(sum(range(8)))}
+  rings = [json.loads(line.split("RING ", 1)[1]) for line in r.stdout.splitlines()
+           if "RING " in line]
+  assert len(rings) == 2
+  for diffs in rings:  # value and gradients of the ring losses across the two processes
+    assert set(diffs) == {"clip", "siglip", "infoloob"} and max(diffs.values()) < 1e-5, diffs
 
 
 FAILING = """
