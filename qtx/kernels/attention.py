@@ -57,8 +57,8 @@ class AttentionPlan:
 def make_plan(T: int, S: int, K: int, interpret: Optional[bool] = None,
               platform: Optional[str] = None, block_q: Optional[int] = None,
               block_k: Optional[int] = None) -> AttentionPlan:
-  """Per-backend block sizes: GPU 64 x 64 (16 at least, for the tensor-core dots), TPU 128 x 128,
-  CPU (interpret) 32 x 32 so that several blocks are exercised."""
+  """Per-backend block sizes: GPU up to 64 x 64 (16 at least, for the tensor-core dots), TPU
+  128 x 128, CPU (interpret) up to 32 x 32 so that several blocks are exercised."""
   platform, interpret = _sm.resolve_platform(interpret, platform)
   for name, b in (("block_q", block_q), ("block_k", block_k)):
     if b is not None and (b < 16 or b & (b - 1)):
@@ -66,11 +66,20 @@ def make_plan(T: int, S: int, K: int, interpret: Optional[bool] = None,
   if platform == "tpu":
     return AttentionPlan(platform, interpret, block_q or 128, block_k or 128, K, masked=False)
   cap = 64 if platform == "gpu" else 32
-  bq = block_q or min(cap, max(16, _sm.next_pow2(T)))
-  bk = block_k or min(cap, max(16, _sm.next_pow2(S)))
+  bq = block_q or _seq_block(T, cap)
+  bk = block_k or _seq_block(S, cap)
   head = max(16, _sm.next_pow2(K))
   return AttentionPlan(platform, interpret, bq, bk, head, masked=True,
                        num_warps=4 if head <= 64 else 8)
+
+
+def _seq_block(n: int, cap: int) -> int:
+  """The largest power-of-two block in [16, cap] that pads n by at most 25% (T = 197 -> 32,
+  T = 77 -> 32, T = 1024 -> 64), else 16."""
+  b = min(cap, max(16, _sm.next_pow2(n)))
+  while b > 16 and pl.cdiv(n, b) * b > 1.25 * n:
+    b //= 2
+  return b
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """Two-pass softmax (Dukhan & Ablavatski 2020) as a Pallas kernel, with masking and clipping.
 
-The row is read twice and written once; the separate max pass of the three-pass softmax is gone:
+The separate max pass of the three-pass softmax is gone; each row is reduced once and normalised
+once:
 
-- Pass 1 folds each row, chunk by chunk, into an accumulator (v, e): e^x_i = 2^e * (v-part), e an
-  integer exponent (the largest n_i = round(x_i log2 e) seen so far) and v the sum of the scaled
-  exponentials exp(x_i - e ln 2) <= sqrt(2). Merging two accumulators rescales by 2^(e - e'),
-  an exact power of two, so no finite input overflows. The scaled exponentials use a Cody-Waite
-  split of ln 2 (e * LN2_HI is exact), which keeps inputs of magnitude 1e4 accurate.
+- Pass 1 folds the row, chunk by chunk, into an accumulator (v, e) with sum_i e^x_i = v * 2^e:
+  e is an integer exponent (the largest n_i = round(x_i log2 e) seen so far) and v the sum of the
+  scaled exponentials exp(x_i - e ln 2) <= sqrt(2) each. Merging accumulators rescales v by
+  2^(e - e'), an exact power of two, so no finite input overflows. The scaled exponentials use a
+  Cody-Waite split of ln 2 (e * LN2_HI is exact), which keeps inputs of magnitude 1e4 accurate.
 - Pass 2 writes y_i = exp(x_i - e ln 2) / v, then the optional clip of the clipped softmax
   (Bondarenko et al. 2023, eq. 4): clip((zeta - gamma) * y + gamma, 0, 1). Masked entries are
   exactly 0 and a fully masked row is all zeros.
+
+A row that fits one chunk is read from memory once (both passes run on the loaded block); longer
+rows are read twice and written once.
 
 The backward pass is its own two-pass kernel: it recomputes the unclipped softmax s from x and the
 saved (e, v), forms g_eff = g * (zeta - gamma) * 1[0 < (zeta - gamma) s + gamma < 1] (g_eff = g
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Optional
 
 import jax
