@@ -247,3 +247,83 @@ def test_two_processes_match_one_process(tmp_path):
   step_dir = tmp_path / "multi" / "checkpoints" / "4"
   assert (step_dir / "state").is_dir()
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shell launchers with stand-ins for gcloud and srun (quoting, pid handling, srun arguments).
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+# stand-in: `tpu-vm ssh --command=C` runs C here (HOME is the worker's home); anything else echoes
+for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}";; esac; done
+echo "gcloud $*"
+"""
+FAKE_QTX_MAIN = """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print("got SIGTERM", flush=True), sys.exit(0)))
+print("ARGS " + json.dumps(sys.argv[1:]), flush=True)
+time.sleep(120)
+"""
+
+
+def _fake_bin(tmp_path, name, text):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  (bin_dir / name).write_text(text)
+  (bin_dir / name).chmod(0o755)
+  return bin_dir
+
+
+def test_tpu_pod_script_starts_quotes_and_stops_the_run(tmp_path):
+  home = tmp_path / "home"
+  (home / "qtx" / "qtx").mkdir(parents=True)
+  (home / "qtx" / "qtx" / "__init__.py").write_text("")
+  (home / "qtx" / "qtx" / "main.py").write_text(FAKE_QTX_MAIN)
+  (home / "qtx-venv" / "bin").mkdir(parents=True)
+  (home / "qtx-venv" / "bin" / "activate").write_text("")
+  bin_dir = _fake_bin(tmp_path, "gcloud", FAKE_GCLOUD)
+  env = dict(_clean_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", HOME=str(home),
+             TPU_NAME="pod", ZONE="z", WORKDIR="/mnt/a b")
+  script = os.path.join(ROOT, "launch", "tpu_pod.sh")
+  sh = lambda *a: subprocess.run(["bash", script, *a], env=env, capture_output=True, text=True,
+                                 timeout=60)
+  r = sh("run", "--config.train.total_steps=10", "--config.init_from=x y'z")
+  assert r.returncode == 0 and "started pid" in r.stdout, r.stdout + r.stderr
+  log = home / "qtx-run.log"
+  deadline = time.monotonic() + 30
+  while "ARGS" not in (log.read_text() if log.exists() else ""):
+    assert time.monotonic() < deadline, "the run did not start"
+    time.sleep(0.1)
+  args = json.loads(log.read_text().split("ARGS ", 1)[1].splitlines()[0])
+  assert args == ["--config", "configs/clip_b16.py", "--workdir", "/mnt/a b",
+                  "--config.train.total_steps=10", "--config.init_from=x y'z"]
+  again = sh("run")
+  assert again.returncode != 0 and "a run is still alive" in again.stderr
+  assert "SIGTERM sent" in sh("stop").stdout
+  deadline = time.monotonic() + 30
+  while "got SIGTERM" not in log.read_text():
+    assert time.monotonic() < deadline, "the run did not get SIGTERM"
+    time.sleep(0.1)
+  env["DRY_RUN"] = "1"  # install: only print the gcloud commands
+  r = sh("install")
+  assert r.returncode == 0, r.stderr
+  assert "gcloud compute tpus tpu-vm scp" in r.stdout and "pod:qtx-src.tar.gz" in r.stdout
+  assert "--worker=all" in r.stdout and "pip install -q -e ~/qtx" in r.stdout
+  assert sh("dance").returncode == 2
+
+
+def test_slurm_script_runs_one_srun_step_with_qtx(tmp_path):
+  bin_dir = _fake_bin(tmp_path, "srun", "#!/usr/bin/env bash\n"
+                      "python3 -c 'import json,sys; print(\"SRUN \" + json.dumps(sys.argv[1:]))'"
+                      " \"$@\"\n")
+  env = dict(_clean_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NAME="qtx", SLURM_JOB_ID="42",
+             WORKDIR=str(tmp_path / "run"), GPUS_PER_NODE="4")
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"),
+                      "--config.train.total_steps=7"], env=env, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 0, r.stderr
+  srun = json.loads(r.stdout.split("SRUN ", 1)[1])
+  assert srun[:3] == ["--kill-on-bad-exit=1", "--gpu-bind=none", "--ntasks-per-node=4"]
+  assert srun[3:] == ["python", "-u", "-m", "qtx.main", "--config", "configs/clip_b16.py",
+                      "--workdir", str(tmp_path / "run"), "--config.train.total_steps=7"]
+  assert (tmp_path / "run").is_dir()
