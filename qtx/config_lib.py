@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.init_logit_bias = -10.0  # siglip only
   c.loss.max_logit_scale = 100.0
   c.loss.impl = "xla"  # xla | pallas (row-wise log-sum-exp via the two-pass kernel)
+  c.loss.sharded = False  # True: ring (shard_map) loss, memory independent of device count
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"

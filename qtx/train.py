@@ -21,6 +21,7 @@ from absl import logging
 
 from qtx import checkpoint as ckpt_lib
 from qtx import config_lib, evaluate, losses, parallel
+from qtx import flops as flops_lib
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP, build_model
@@ -115,11 +116,72 @@ def init_state(s: Setup, seed: int) -> TrainState:
   return jax.jit(init_fn, out_shardings=s.state_sharding)(jax.random.key(seed))
 
 
-def loss_fn(model: CLIP, config, params, batch, step):
-  zi, zt, scale, bias = model.apply({"params": params}, batch["image"], batch["tokens"], step)
-  loss = losses.compute(config.loss.name, zi, zt, scale, bias, config.loss.max_logit_scale,
+def embedding_loss(config, zi, zt, scale, bias, mesh=None):
+  """Contrastive loss of (global) embeddings; the ring variant when loss.sharded is set."""
+  if config.loss.get("sharded", False) and mesh is not None:
+    from qtx import sharded_losses
+    return sharded_losses.sharded_loss(config.loss.name, zi, zt, scale, bias, mesh,
+                                       config.loss.max_logit_scale)
+  return losses.compute(config.loss.name, zi, zt, scale, bias, config.loss.max_logit_scale,
                         config.loss.impl)
+
+
+def loss_fn(model: CLIP, config, params, batch, step, mesh=None):
+  zi, zt, scale, bias = model.apply({"params": params}, batch["image"], batch["tokens"], step)
+  loss = embedding_loss(config, zi, zt, scale, bias, mesh)
   return loss, {"logit_scale": jnp.minimum(jnp.exp(scale), config.loss.max_logit_scale)}
+
+
+def microbatched_grads(model: CLIP, config, params, batch, step, mesh=None):
+  """Exact full-batch loss and gradients with activations of one microbatch at a time.
+
+  A contrastive loss couples every pair in the batch, so plain gradient accumulation would
+  change the loss (fewer negatives). Instead (as in GradCache): 1) embed all microbatches
+  without keeping activations, 2) differentiate the loss w.r.t. the embeddings, 3) re-run each
+  microbatch under jax.vjp with its slice of those embedding gradients and sum.
+  """
+  M = config.train.microbatches
+  B = batch["image"].shape[0]
+  if B % M:
+    raise ValueError(f"batch {B} is not divisible by train.microbatches {M}")
+
+  def split(x):  # B x ... -> M x (B/M) x ...: microbatch m takes rows m, m+M, ...
+    return jnp.swapaxes(x.reshape((B // M, M) + x.shape[1:]), 0, 1)
+
+  def merge(x):  # inverse of split
+    return jnp.swapaxes(x, 0, 1).reshape((B,) + x.shape[2:])
+
+  images, tokens = split(batch["image"]), split(batch["tokens"])
+
+  def embed(p, im, tk):
+    zi = model.apply({"params": p}, im, step, method=CLIP.encode_image)
+    zt = model.apply({"params": p}, tk, step, method=CLIP.encode_text)
+    return zi, zt
+
+  zi, zt = jax.lax.map(lambda x: embed(params, *x), (images, tokens))
+  zi, zt = merge(zi), merge(zt)
+  bias = params.get("logit_bias")
+
+  def emb_loss(zi, zt, scale, bias):
+    return embedding_loss(config, zi, zt, scale, bias, mesh)
+
+  loss, (g_zi, g_zt, g_scale, g_bias) = jax.value_and_grad(emb_loss, argnums=(0, 1, 2, 3))(
+      zi, zt, params["logit_scale"], bias)
+
+  def body(acc, x):
+    im, tk, gi, gt = x
+    _, vjp = jax.vjp(lambda p: embed(p, im, tk), params)
+    (g,) = vjp((gi, gt))
+    return jax.tree.map(jnp.add, acc, g), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(body, zeros, (images, tokens, split(g_zi), split(g_zt)))
+  grads = dict(grads)
+  grads["logit_scale"] = grads["logit_scale"] + g_scale
+  if bias is not None:
+    grads["logit_bias"] = grads["logit_bias"] + g_bias
+  scale = jnp.minimum(jnp.exp(params["logit_scale"]), config.loss.max_logit_scale)
+  return (loss, {"logit_scale": scale}), grads
 
 
 def make_train_step(s: Setup) -> Callable:
@@ -128,9 +190,13 @@ def make_train_step(s: Setup) -> Callable:
   max_log_scale = math.log(config.loss.max_logit_scale)
 
   def step_fn(state: TrainState, batch):
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, config, p, batch, state.step),
-                                 has_aux=True)
-    (loss, aux), grads = grad_fn(state.params)
+    if config.train.microbatches > 1:
+      (loss, aux), grads = microbatched_grads(model, config, state.params, batch, state.step,
+                                              s.mesh)
+    else:
+      grad_fn = jax.value_and_grad(
+          lambda p: loss_fn(model, config, p, batch, state.step, s.mesh), has_aux=True)
+      (loss, aux), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = dict(params)
@@ -185,6 +251,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = make_train_step(s)
   enc_i, enc_t = make_encoders(s)
   task = pipeline.eval_task(config) if config.eval.every_steps >= 0 else None
+  outliers_every = int(config.quant.outliers_every_steps)
+  outlier_fn = None
+  if outliers_every > 0 and task is not None:
+    from qtx.quant import outliers as outliers_lib
+    n_probe = min(config.eval.batch_size, len(task.images))
+    probe = (task.images[:n_probe], task.tokens[:n_probe])
+    outlier_fn = jax.jit(lambda p, im, tk: outliers_lib.model_outliers(s.model, p, im, tk))
+  step_flops = flops_lib.train_step_flops(config)
+  peak = flops_lib.peak_tflops(s.mesh.devices.flat[0])
+  n_dev = s.mesh.devices.size
   sps_hist = []
   last: dict = {}
   bar = _progress(total, start)
@@ -208,6 +284,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if done > start + config.train.log_every:  # skip the interval with compilation
           sps_hist.append(sps)
         m["train/samples_per_sec"] = sps
+        tflops = n_log * step_flops / dt / n_dev / 1e12
+        m["perf/tflops_per_sec_per_device"] = tflops
+        if peak:
+          m["perf/mfu"] = tflops / peak
         writer.write(done, m)
         last.update(m)
         if bar is not None:
@@ -215,6 +295,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_log, n_log = time.perf_counter(), 0
       if bar is not None:
         bar.update(1)
+      if outlier_fn is not None and done % outliers_every == 0:
+        writer.write(done, jax.device_get(outlier_fn(state.params, *probe)))
+        t_log = time.perf_counter()
       if task is not None and config.eval.every_steps > 0 and (
           done % config.eval.every_steps == 0) and done != total:
         ev = evaluate.evaluate(lambda x: enc_i(state.params, x), lambda x: enc_t(state.params, x),
