@@ -1,0 +1,363 @@
+"""Post-training quantization: calibrate, then evaluate float and fake-quantized in one run.
+
+  python -m qtx.main --config configs/clip_tiny.py --workdir RUN --config.mode=ptq \
+      --config.init_from=CKPT [--config.quant.weight_bits=4 ...]
+
+1. Restore the float params (`config.init_from`, else WORKDIR's latest checkpoint).
+2. Build the same model with `QuantConfig.from_config(config.quant)` and enabled=True; the params
+   are shared, the calibration ranges live in the 'quant_stats' collection from `model.init`.
+3. Calibrate on `quant.calib_batches` training batches (both towers, one jitted apply with
+   mutable=['quant_stats'] per batch; activations pass through in float, weights are quantized).
+4. Evaluate the float and the quantized model (zero-shot + retrieval) on the same eval task,
+   measure the float model's outliers, print one table, save figures to WORKDIR/figures/ and
+   write one metrics row:
+     ptq/fp_{zeroshot_top1,i2t_r1,t2i_r1,...}, ptq/w{W}a{A}_{...}   (e.g. ptq/w8a8_zeroshot_top1)
+     outliers/...                                   (qtx.eval_run.outlier_metrics, float model)
+     ptq/calib_seconds          wall time of the calibration loop (compilation included)
+     ptq/calib_step_seconds     median steady calibration step
+     ptq/fp_step_seconds        median float forward of the same batches
+     ptq/calib_overhead         calib_step_seconds / fp_step_seconds
+     ptq/fp_eval_seconds, ptq/w{W}a{A}_eval_seconds   evaluation wall time after compilation
+     ptq/quant_eval_overhead    quantized / float evaluation time (same process)
+
+Ablation (`ablate_points`, enabled by `quant.ablate`): the quantized evaluation repeated with one
+class of quantization points at a time kept in float, to find which quantizer causes a drop
+before attributing it to outliers (PAPERS.md section 7).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from qtx import evaluate, eval_run, parallel, train
+from qtx.data import pipeline
+from qtx.metrics import MetricsWriter
+from qtx.nn.clip import CLIP, build_model
+from qtx.quant.layers import QUANT_STATS, ActQuant, QDense, QLayerNorm, QuantConfig
+
+# Keys of the `quant` block read by this driver only (QuantConfig must not see them).
+PTQ_KEYS = ("ablate",)
+TABLE_METRICS = (("zeroshot_top1", "zero-shot top-1"), ("i2t_r1", "i2t R@1"),
+                 ("t2i_r1", "t2i R@1"))
+
+
+# ----------------------------------------------------------------------------- config
+
+def quant_config(config, **overrides) -> QuantConfig:
+  """QuantConfig from config.quant with enabled=True (overrides win)."""
+  d = config.quant.to_dict() if hasattr(config.quant, "to_dict") else dict(config.quant)
+  for k in PTQ_KEYS:
+    d.pop(k, None)
+  d["enabled"] = True
+  d.update(overrides)
+  return QuantConfig.from_config(d)
+
+
+def bits_label(qcfg: QuantConfig) -> str:
+  """'w8a8', 'w4a8', 'w8a16', ... (the metric name part)."""
+  return f"w{qcfg.weight_bits}a{qcfg.act_bits}"
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def _dummy_inputs(config, batch: int = 1):
+  img, txt = config.model.image, config.model.text
+  return (np.zeros((batch, img.image_size, img.image_size, img.channels), np.uint8),
+          np.zeros((batch, txt.context_length), np.int32))
+
+
+def init_quant_stats(model: CLIP, config, seed: int = 0) -> dict:
+  """The model's 'quant_stats' collection (all counts 0); {} when nothing is calibrated."""
+  images, tokens = _dummy_inputs(config)
+  fn = jax.jit(lambda rng: model.init(rng, images, tokens).get(QUANT_STATS, {}))
+  return nn.meta.unbox(fn(jax.random.key(seed)))
+
+
+def make_calibrate_step(model: CLIP) -> Callable:
+  """Jitted (params, stats, images, tokens) -> stats updated by one batch (both towers)."""
+
+  def step(params, stats, images, tokens):
+    _, upd = model.apply({"params": params, QUANT_STATS: stats}, images, tokens,
+                         mutable=[QUANT_STATS])
+    return upd.get(QUANT_STATS, {})
+
+  return jax.jit(step)
+
+
+def calibrate(model: CLIP, params, stats, batches: Iterable[Mapping[str, Any]]):
+  """Runs the calibration steps; returns (stats, per-step seconds, first included)."""
+  step = make_calibrate_step(model)
+  times = []
+  for batch in batches:
+    t0 = time.perf_counter()
+    stats = jax.block_until_ready(step(params, stats, batch["image"], batch["tokens"]))
+    times.append(time.perf_counter() - t0)
+  if not times:
+    raise ValueError("calibration got no batches; set quant.calib_batches >= 1")
+  return stats, times
+
+
+def calibration_batches(config, s: train.Setup, num_batches: Optional[int] = None) -> list:
+  """The first `quant.calib_batches` training batches as global (sharded) arrays."""
+  n = int(num_batches if num_batches is not None else config.quant.calib_batches)
+  if n < 1:
+    raise ValueError(f"quant.calib_batches must be >= 1, got {n}")
+  it = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  return [parallel.global_batch(next(it), s.mesh, s.rules) for _ in range(n)]
+
+
+def _float_step_seconds(model: CLIP, params, batches: Sequence[Mapping[str, Any]],
+                        max_batches: int = 4) -> list[float]:
+  """Steady wall time of the float forward (both towers) on the calibration batches."""
+  fwd = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t)[:2])
+  jax.block_until_ready(fwd(params, batches[0]["image"], batches[0]["tokens"]))  # compile
+  times = []
+  for b in batches[:max_batches]:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(params, b["image"], b["tokens"]))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def make_quant_encoders(model: CLIP, interceptor: Optional[Callable] = None):
+  """Jitted (params, stats, x) -> normalised embeddings of the fake-quantized model.
+
+  `interceptor` (a flax method interceptor) is active while the functions are traced.
+  """
+
+  def wrap(method):
+    def fn(params, stats, x):
+      variables = {"params": params, QUANT_STATS: stats}
+      if interceptor is None:
+        return model.apply(variables, x, method=method)
+      with nn.intercept_methods(interceptor):
+        return model.apply(variables, x, method=method)
+    return jax.jit(fn)
+
+  return wrap(CLIP.encode_image), wrap(CLIP.encode_text)
+
+
+def _warm_up(enc_i, enc_t, task, batch_size):
+  """Compile both encoders on the eval batch shape so the timed runs exclude compilation."""
+  bs = batch_size
+  jax.block_until_ready(enc_i(task.images[:bs] if len(task.images) >= bs else np.concatenate(
+      [task.images] * (bs // len(task.images) + 1))[:bs]))
+  tok = task.tokens
+  jax.block_until_ready(enc_t(tok[:bs] if len(tok) >= bs else np.concatenate(
+      [tok] * (bs // len(tok) + 1))[:bs]))
+
+
+def timed_evaluate(enc_i, enc_t, task, batch_size: int, prefix: str):
+  """(metrics, seconds) of evaluate.evaluate after compiling the encoders."""
+  _warm_up(enc_i, enc_t, task, batch_size)
+  t0 = time.perf_counter()
+  m = evaluate.evaluate(enc_i, enc_t, task, batch_size, prefix=prefix)
+  return m, time.perf_counter() - t0
+
+
+def quantized_metrics(model: CLIP, params, stats, task, batch_size: int, prefix: str,
+                      interceptor: Optional[Callable] = None):
+  enc_i, enc_t = make_quant_encoders(model, interceptor)
+  return timed_evaluate(lambda x: enc_i(params, stats, x), lambda x: enc_t(params, stats, x),
+                        task, batch_size, prefix)
+
+
+# ----------------------------------------------------------------------------- ablation
+
+@dataclasses.dataclass(frozen=True)
+class PointClass:
+  """One class of quantization points kept in float during an ablation run.
+
+  keep_float: point names added to QuantConfig.keep_float (ActQuant skips them).
+  outputs_of: skip the output quantizer (ActQuant point 'out') of this module type only
+    (QDense: linear outputs, QLayerNorm: LayerNorm outputs; both use the point name 'out').
+  float_weights: weights (and LayerNorm scales) unquantized. `quantize_weight` has no point
+    name, so the weight grid is raised to 16 bits (step absmax/32767, float for all purposes)
+    and 'weights' is added to keep_float for a QuantConfig that honours it.
+  """
+  name: str
+  keep_float: tuple[str, ...] = ()
+  outputs_of: Optional[type] = None
+  float_weights: bool = False
+
+
+POINT_CLASSES = (
+    PointClass("input", keep_float=("input",)),
+    PointClass("embed", keep_float=("embed",)),
+    PointClass("attn_scores", keep_float=("attn_scores",)),
+    PointClass("attn_probs", keep_float=("attn_probs",)),
+    PointClass("attn_context", keep_float=("attn_context",)),
+    PointClass("resid", keep_float=("resid",)),
+    PointClass("mlp_act", keep_float=("mlp_act",)),
+    PointClass("linear_out", outputs_of=QDense),
+    PointClass("ln_out", outputs_of=QLayerNorm),
+    PointClass("weights", keep_float=("weights",), float_weights=True),
+)
+
+
+def point_class(name: str) -> PointClass:
+  for pc in POINT_CLASSES:
+    if pc.name == name:
+      return pc
+  raise ValueError(f"unknown quantization point class {name!r}; choose one of "
+                   f"{tuple(pc.name for pc in POINT_CLASSES)}")
+
+
+def skip_outputs_of(module_type: type) -> Callable:
+  """Flax interceptor: ActQuant called inside a `module_type` module returns its input."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if (context.method_name == "__call__" and isinstance(m, ActQuant)
+        and isinstance(m.parent, module_type)):
+      return args[0]
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def ablation_quant_config(qcfg: QuantConfig, pc: PointClass) -> QuantConfig:
+  kw = dict(keep_float=tuple(qcfg.keep_float) + tuple(
+      n for n in pc.keep_float if n not in qcfg.keep_float))
+  if pc.float_weights:
+    kw["weight_bits"] = 16
+  return dataclasses.replace(qcfg, **kw)
+
+
+def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
+                  batches: Optional[Sequence[Mapping[str, Any]]] = None,
+                  classes: Optional[Sequence[str]] = None,
+                  batch_size: Optional[int] = None) -> dict[str, dict[str, float]]:
+  """Quantized evaluation with one point class at a time kept in float.
+
+  stats: the calibrated 'quant_stats' of the full `qcfg` model; reused for every activation
+  class (calibration passes activations through in float, so their ranges do not depend on
+  which activation points are quantized). The weights class changes the calibration forward
+  and is calibrated again on `batches` (required for it). Returns
+  {class: {'zeroshot_top1', 'i2t_r1', 't2i_r1', ...}} with one entry per class, in order.
+  """
+  names = [pc.name for pc in POINT_CLASSES] if classes is None else list(classes)
+  bs = batch_size or config.eval.batch_size
+  out: dict[str, dict[str, float]] = {}
+  for name in names:
+    pc = point_class(name)
+    cfg = ablation_quant_config(qcfg, pc)
+    model = build_model(config, quant=cfg)
+    st = stats
+    if pc.float_weights or st is None:
+      if not batches:
+        raise ValueError(f"ablation of {name!r} needs calibration batches")
+      st, _ = calibrate(model, params, init_quant_stats(model, config), batches)
+    interceptor = skip_outputs_of(pc.outputs_of) if pc.outputs_of is not None else None
+    m, _ = quantized_metrics(model, params, st, task, bs, prefix="", interceptor=interceptor)
+    out[name] = m
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def format_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+  """rows: {row label: {metric: value}} -> a fixed-width text table (percentages)."""
+  label_w = max([len("model")] + [len(r) for r in rows]) + 2
+  col_w = max(len(lbl) for _, lbl in TABLE_METRICS) + 2
+  lines = [title] if title else []
+  lines.append("model".ljust(label_w) + "".join(lbl.rjust(col_w) for _, lbl in TABLE_METRICS))
+  for label, m in rows.items():
+    cells = [f"{100 * m[k]:.1f}%" if k in m else "-" for k, _ in TABLE_METRICS]
+    lines.append(label.ljust(label_w) + "".join(c.rjust(col_w) for c in cells))
+  return "\n".join(lines)
+
+
+def _strip(m: Mapping[str, float], prefix: str) -> dict[str, float]:
+  return {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_ptq(config, workdir: str) -> dict:
+  """PTQ mode (module docstring); returns the metrics written to WORKDIR/metrics.jsonl."""
+  t_start = time.perf_counter()
+  s = train.setup(config)
+  params, step = eval_run.load_params(config, workdir, s)
+  qcfg = quant_config(config)
+  label = bits_label(qcfg)
+  qmodel = build_model(config, quant=qcfg)
+  task = pipeline.eval_task(config)
+  bs = config.eval.batch_size
+
+  batches = calibration_batches(config, s)
+  t0 = time.perf_counter()
+  stats, calib_times = calibrate(qmodel, params, init_quant_stats(qmodel, config, config.seed),
+                                 batches)
+  calib_seconds = time.perf_counter() - t0
+  fp_times = _float_step_seconds(s.model, params, batches)
+  calib_step = statistics.median(calib_times[1:] or calib_times)
+  fp_step = statistics.median(fp_times)
+
+  enc_i, enc_t = train.make_encoders(s)
+  fp, fp_sec = timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, bs,
+                              prefix="ptq/fp_")
+  q, q_sec = quantized_metrics(qmodel, params, stats, task, bs, prefix=f"ptq/{label}_")
+
+  metrics: dict[str, Any] = {**fp, **q}
+  metrics.update({
+      "ptq/calib_batches": len(batches),
+      "ptq/calib_seconds": calib_seconds,
+      "ptq/calib_step_seconds": calib_step,
+      "ptq/fp_step_seconds": fp_step,
+      "ptq/calib_overhead": calib_step / fp_step,
+      "ptq/fp_eval_seconds": fp_sec,
+      f"ptq/{label}_eval_seconds": q_sec,
+      "ptq/quant_eval_overhead": q_sec / fp_sec,
+  })
+  metrics.update(eval_run.outlier_metrics(s.model, params, task.images, task.tokens, bs))
+
+  rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
+  ablation = None
+  if config.quant.get("ablate", False):
+    ablation = ablate_points(config, params, task, qcfg, stats=stats, batches=batches,
+                             batch_size=bs)
+    for name, m in ablation.items():
+      for k, v in m.items():
+        metrics[f"ptq/ablate/{name}/{k}"] = v
+      rows[f"{label} ({name} float)"] = m
+
+  figure_paths = []
+  if jax.process_index() == 0:
+    from qtx.quant import figures
+    figure_paths = figures.save_ptq_figures(s.model, params, task, metrics,
+                                            os.path.join(workdir, "figures"))
+  metrics["ptq/total_seconds"] = time.perf_counter() - t_start
+
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write(step, metrics)
+  finally:
+    writer.close()
+  if jax.process_index() == 0:
+    title = (f"qtx ptq: step {step} | {label.upper()} ({qcfg.estimator}, weights "
+             f"{qcfg.weight_granularity}, activations {qcfg.act_granularity}, "
+             f"{len(batches)} calibration batches) | eval {len(task.images)} samples")
+    print(format_table(rows, title), flush=True)
+    print(f"outliers (float): max inf-norm {metrics['outliers/max_inf_norm']:.2f} "
+          f"(image {metrics['outliers/image/max_inf_norm']:.2f}, text "
+          f"{metrics['outliers/text/max_inf_norm']:.2f}) | avg kurtosis "
+          f"{metrics['outliers/avg_kurtosis']:.2f}", flush=True)
+    print(f"timing: calibration {calib_seconds:.1f}s ({calib_step * 1e3:.0f} ms/batch, "
+          f"{metrics['ptq/calib_overhead']:.2f}x float forward) | eval fp {fp_sec:.1f}s, "
+          f"{label} {q_sec:.1f}s ({metrics['ptq/quant_eval_overhead']:.2f}x) | total "
+          f"{metrics['ptq/total_seconds']:.1f}s", flush=True)
+    for p in figure_paths:
+      print(f"figure: {p}", flush=True)
+  if ablation is not None:
+    metrics["ablation"] = ablation
+  return metrics
