@@ -534,3 +534,23 @@ def load_into(path: str, params_template: Mapping, config, gate_init: str = "pre
   _warn_differences(config)
   logging.info("imported %d tensors from %s", len(sd), path)
   return params
+
+
+def main(argv=None) -> int:
+  """`python -m qtx.weights CHECKPOINT [--head_dim 64]`: prints the architecture read from the
+  checkpoint and the qtx.main flags that set it."""
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m qtx.weights", description=main.__doc__)
+  parser.add_argument("checkpoint", help="a .pt, .pth, .bin or .safetensors CLIP state_dict")
+  parser.add_argument("--head_dim", type=int, default=DEFAULT_HEAD_DIM,
+                      help="attention head width (heads = width // head_dim)")
+  args = parser.parse_args(argv)
+  arch = infer_config(load_state_dict(args.checkpoint), head_dim=args.head_dim)
+  print(json.dumps(arch, indent=2))
+  print(" ".join(config_overrides(arch)
+                 + [f"--config.init_from={os.path.abspath(args.checkpoint)}"]))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

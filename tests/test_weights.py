@@ -415,3 +415,14 @@ def test_parity_with_open_clip(tmp_path, preset):
   assert np.abs(zi - ri).max() < 1e-5 and np.abs(zt - rt).max() < 1e-5  # float32 round-off
   np.testing.assert_allclose(float(params["logit_scale"]), float(ref.logit_scale.detach()),
                              rtol=1e-6)
+
+
+def test_command_line_prints_architecture_and_flags(tmp_path, capsys):
+  sd = fake_state_dict()
+  path = str(tmp_path / "clip.safetensors")
+  _save_safetensors(path, sd)
+  assert weights.main([path, "--head_dim", "16"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  flags = out[-1].split()
+  assert json.loads("\n".join(out[:-1])) == weights.infer_config(sd, head_dim=16)
+  assert "--config.model.image.heads=2" in flags and f"--config.init_from={path}" in flags
