@@ -155,14 +155,14 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
   """Training checkpoints keep the weights under 'state_dict' (or 'model', 'module')."""
-  for _ in range(3):
-    if isinstance(obj, Mapping) and not any(_is_array(v) for v in obj.values()):
-      for key in ("state_dict", "model", "module", "params"):
-        if key in obj and isinstance(obj[key], Mapping):
-          obj = obj[key]
-          break
-      else:
-        break
+  for _ in range(3):  # at most a few levels of nesting
+    if not isinstance(obj, Mapping) or any(_is_array(v) for v in obj.values()):
+      break
+    inner = next((obj[k] for k in ("state_dict", "model", "module", "params")
+                  if isinstance(obj.get(k), Mapping)), None)
+    if inner is None:
+      break
+    obj = inner
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors), got "
                      f"{type(obj).__name__}")

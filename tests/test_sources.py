@@ -535,3 +535,13 @@ def test_tfds_read_only_fallback_when_builder_needs_tensorflow(tfds_dir, monkeyp
   assert len(src) == 3 and src.tfds_split == "val"
   with pytest.raises(RuntimeError, match="(?s)needs TensorFlow.*tfds build"):
     tfds_source.TfdsSource("qtx_no_such_dataset", "eval", S, data_dir=tfds_dir)
+
+
+def test_sources_are_picklable_for_worker_processes(tmp_path):
+  import pickle
+  _make_folder(str(tmp_path))
+  src = folder.FolderSource(str(tmp_path), "train", S)
+  clone = pickle.loads(pickle.dumps(src))
+  assert len(clone) == len(src)
+  np.testing.assert_array_equal(clone[0]["image"], src[0]["image"])
+  assert clone[9] is None and clone.counter.count >= 3

@@ -57,8 +57,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def find_file(directory: str, stem: str) -> str:
-  """`stem` or `stem.gz` in `directory` (also the `stem` with the last '-' as '.', as some
-  mirrors name them)."""
+  """`stem` or `stem.gz` in `directory` (also spelled with '.idx' for '-idx', as some mirrors
+  name the files)."""
   names = [stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"]
   for n in names:
     p = os.path.join(directory, n)

@@ -128,7 +128,8 @@ class FolderSource:
     self.image_size = int(image_size)
     self.seed = int(seed)
     self.fit = fit
-    sources.fit_image(np.zeros((1, 1, 3), np.uint8), 1, fit)  # validates `fit`
+    if fit not in sources.FIT_MODES:
+      raise ValueError(f"unknown fit mode {fit!r}; choose one of {sources.FIT_MODES}")
     self.counter = counter or sources.SkipCounter(f"folder:{split}", parent=sources.SKIPPED)
     path, specific = caption_file(root, split)
     self.captions_path = path

@@ -113,6 +113,16 @@ class SkipCounter:
     with self._lock:
       return list(self._examples)
 
+  def __getstate__(self):
+    # Picklable for multiprocessing data loaders; counts made in a worker stay in that worker.
+    state = dict(self.__dict__)
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def metrics(self, prefix: str = "data/") -> dict[str, int]:
     return {f"{prefix}skipped": self.count}
 
