@@ -215,4 +215,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"train.microbatches {c.train.microbatches}")
   if c.train.lr <= 0 or not c.train.lr < float("inf"):
     raise ValueError(f"train.lr must be a positive finite number, got {c.train.lr}")
+  from qtx.quant.layers import QuantConfig
+  try:
+    QuantConfig.from_config(c.quant)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"quant: {e}") from None
   build_model(c)  # checks tower keys and dtype

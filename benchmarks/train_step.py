@@ -1,0 +1,123 @@
+"""Train-step throughput of a config on the current backend.
+
+  python -m benchmarks.train_step --config configs/clip_tiny.py --batch 128 --steps 20
+  python -m benchmarks.train_step --config configs/clip_b16.py --batch 256 --dtype bfloat16 \
+      --remat dots --scan
+
+Prints steps/s, samples/s, model TFLOP/s per device (analytic FLOPs, and XLA's count of the
+compiled step), MFU against the device's peak (none on CPU), and memory per device. The
+baseline row is the same config with impl='xla' float32, measured in the same process, so
+every other row reads as a ratio to it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from qtx import flops as flops_lib
+from qtx import parallel, train
+
+
+def load_config(path: str):
+  arg = None
+  if ":" in path:
+    path, arg = path.split(":", 1)
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def measure(config, steps: int, warmup: int = 2) -> dict:
+  s = train.setup(config)
+  state = train.init_state(s, 0)
+  step_fn = train.make_train_step(s)
+  B = config.train.batch_size
+  im = config.model.image
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 1000, (B, config.model.text.context_length)).astype(np.int32)
+  tokens[:, -1] = 49407
+  batch = parallel.global_batch({
+      "image": rng.integers(0, 256, (B, im.image_size, im.image_size, im.channels), np.uint8),
+      "tokens": tokens}, s.mesh, s.rules)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
+  n_dev = s.mesh.devices.size
+  model_flops = flops_lib.train_step_flops(config)
+  xla_flops = flops_lib.compiled_flops(compiled)
+  peak = flops_lib.peak_tflops(s.mesh.devices.flat[0])
+  tflops = model_flops / dt / n_dev / 1e12
+  mem = None
+  try:
+    ma = compiled.memory_analysis()
+    mem = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+           - ma.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    pass
+  return {"step_s": dt, "steps_per_s": 1 / dt, "samples_per_s": B / dt, "tflops": tflops,
+          "xla_tflops": (xla_flops / dt / n_dev / 1e12) if xla_flops else None,
+          "mfu": tflops / peak if peak else None, "mem_gib": mem / 2**30 if mem else None,
+          "compile_s": compile_s, "devices": n_dev}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="configs/clip_tiny.py")
+  p.add_argument("--batch", type=int, default=None)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--remat", default="none")
+  p.add_argument("--scan", action="store_true")
+  p.add_argument("--impl", default="xla", choices=["xla", "pallas"])
+  p.add_argument("--mesh", default=None, help="e.g. 1,-1,1 for (data, fsdp, tensor)")
+  p.add_argument("--no-baseline", action="store_true")
+  args = p.parse_args()
+
+  def make(dtype, remat, scan, impl):
+    c = load_config(args.config)
+    if args.batch:
+      c.train.batch_size = args.batch
+    if args.mesh:
+      c.mesh.shape = tuple(int(x) for x in args.mesh.split(","))
+    c.model.dtype, c.model.remat, c.model.scan = dtype, remat, scan
+    for t in (c.model.image, c.model.text):
+      t.attention.impl = impl
+    return c
+
+  dev = jax.devices()[0]
+  print(f"backend {jax.default_backend()} | device {dev.device_kind} x {jax.device_count()} | "
+        f"config {args.config} | batch {make('float32', 'none', False, 'xla').train.batch_size}")
+  rows = []
+  if not args.no_baseline:
+    rows.append(("baseline f32 xla", measure(make("float32", "none", False, "xla"), args.steps)))
+  rows.append((f"{args.dtype} remat={args.remat} scan={args.scan} {args.impl}",
+               measure(make(args.dtype, args.remat, args.scan, args.impl), args.steps)))
+  base = rows[0][1]["step_s"]
+  fmt = lambda v, f: "-" if v is None else f.format(v)
+  print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
+        f"{'XLA TFLOP/s':>11s} {'MFU':>6s} {'mem GiB':>8s} {'speedup':>8s}")
+  for name, r in rows:
+    print(f"{name:42s} {r['step_s'] * 1e3:9.1f} {r['samples_per_s']:10.1f} "
+          f"{r['tflops']:11.3f} {fmt(r['xla_tflops'], '{:11.3f}'):>11s} "
+          f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
+          f"{base / r['step_s']:8.2f}x")
+
+
+if __name__ == "__main__":
+  main()
