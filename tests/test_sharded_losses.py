@@ -139,7 +139,7 @@ def test_ring_memory_does_not_grow_with_devices(name):
     pytest.skip("memory_analysis is not available on this backend (the jaxpr test still runs)")
   # value + gradients: the ring's per-device scratch is flat in n (n=2 compiles the one-step
   # loop differently and is not smaller); the plain loss holds a b x (n b) slab of logits.
-  assert ring[8] == ring[4] and ring[8] <= ring[2], ring
+  assert ring[8] <= 1.1 * min(ring[2], ring[4]), ring
   assert plain[8] >= 3.5 * plain[2], plain
   assert ring[8] * 4 < plain[8], (ring, plain)
 
@@ -172,6 +172,7 @@ def test_no_global_logits_matrix_in_the_ring(name):
   # the backward ring is traced when the gradient is
   ring = jax.make_jaxpr(jax.value_and_grad(
       lambda *a: sharded_losses.sharded_loss(name, *a, mesh=mesh), argnums=(0, 1, 2, 3)))(*args)
+  assert [e.primitive.name for e in ring.jaxpr.eqns].count("shard_map") == 2  # fwd + bwd ring
   outside, inside = _max_sizes(ring.jaxpr)
   assert inside <= b * b, (inside, b * b)  # blocks only: b x b logits, b x E embeddings
   assert outside <= B * E, (outside, B * E)  # the global embeddings themselves
