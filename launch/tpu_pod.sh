@@ -86,7 +86,7 @@ do_run() {
   local args cmd
   args="$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
   # exec: the pid that `stop` signals is the python process itself
-  cmd="cd ~/$REMOTE_DIR && . ~/$VENV/bin/activate && exec python -m qtx.main $args"
+  cmd="cd ~/$REMOTE_DIR && . ~/$VENV/bin/activate && QTX_DISTRIBUTED=auto exec python -m qtx.main $args"
   if [[ "${FOREGROUND:-0}" == "1" ]]; then
     on_workers all "set -e; $cmd"
   else

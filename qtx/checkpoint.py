@@ -55,7 +55,7 @@ class Manager:
   """Thin wrapper over ocp.CheckpointManager with items 'state' and 'data'."""
 
   def __init__(self, directory: str, config, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
     self.every = int(config.checkpoint.every_steps)
     keep = int(config.checkpoint.keep)
     if keep < 1:
@@ -88,8 +88,9 @@ class Manager:
     return out["state"]
 
   def _item_names(self, step):
-    path = os.path.join(self.directory, str(step))
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
+    from etils import epath
+    path = epath.Path(self.directory) / str(step)
+    return {p.name for p in path.iterdir()} if path.is_dir() else set()
 
   def restore_latest(self, abstract_state, data_iter=None):
     step = self.latest_step()

@@ -5,7 +5,7 @@
 - infoloob: InfoNCE with the positive left out of the denominator (CLOOB), both directions.
 
 Under `jax.jit` with sharded inputs these are global-batch losses: XLA's partitioner inserts
-the collectives. `qtx.parallel` has memory-bounded shard_map variants.
+the collectives. `qtx.sharded_losses` has memory-bounded ring (shard_map) variants.
 Logits are exp(logit_scale) * zi @ zt^T with exp(logit_scale) clamped to `max_scale`.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,10 +32,13 @@ def run(config, workdir: str) -> dict:
   """Dispatch on config.mode; returns the final metrics."""
   from qtx import config_lib
   config_lib.validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  from etils import epath
+  from qtx.metrics import is_remote
+  if not is_remote(workdir):
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   if config.mode == "train":
     from qtx import train
     return train.train_and_evaluate(config, workdir)

@@ -9,6 +9,12 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+  """gs://, s3:// and other URL-style paths (handled through etils.epath)."""
+  return "://" in str(path)
 
 
 def _py(v: Any):
@@ -25,10 +31,14 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(str(workdir), "metrics.jsonl")
     self._tb = None
+    self._remote_lines = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      if is_remote(workdir):  # object stores cannot append: rewrite the whole (small) file
+        p = epath.Path(self.path)
+        self._remote_lines = p.read_text().splitlines() if p.exists() else []
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
@@ -41,8 +51,13 @@ class MetricsWriter:
       return
     row = {"step": int(step)}
     row.update({k: _py(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row, allow_nan=True) + "\n")
+    line = json.dumps(row, allow_nan=True)
+    if self._remote_lines is not None:
+      self._remote_lines.append(line)
+      epath.Path(self.path).write_text("\n".join(self._remote_lines) + "\n")
+    else:
+      with open(self.path, "a") as f:
+        f.write(line + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) \
@@ -57,8 +72,7 @@ class MetricsWriter:
 
 
 def read(workdir_or_path: str) -> list[dict]:
-  path = workdir_or_path
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  path = epath.Path(workdir_or_path)
+  if path.is_dir():
+    path = path / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -233,7 +233,6 @@ def _progress(total, initial):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming from WORKDIR/checkpoints if present), evaluate, return final metrics."""
   s = setup(config)
-  os.makedirs(workdir, exist_ok=True)
   writer = MetricsWriter(workdir)
   mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), config)
   data_iter = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
