@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import json
 import os
+import resource
 import time
 
 import numpy as np
@@ -28,6 +29,15 @@ COLUMNS = (
     ("outliers/avg_kurtosis", "avg kurtosis", 1.0),
     ("outliers/image/max_inf_norm", "image max inf-norm", 1.0),
     ("outliers/text/max_inf_norm", "text max inf-norm", 1.0),
+)
+
+
+EXTRA = (
+    ("eval/t2i_r1", "FP t2i R@1 (%)", 100.0),
+    ("eval/zeroshot_top5", "FP zero-shot top-5 (%)", 100.0),
+    ("train/samples_per_sec_steady", "train samples/s", 1.0),
+    ("train_seconds", "train wall s", 1.0),
+    ("ptq/total_seconds", "PTQ wall s", 1.0),
 )
 
 
@@ -118,23 +128,27 @@ def main():
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  results = {}
-  for name in args.normalizers.split(","):
-    results[name] = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+  names = args.normalizers.split(",")
+  seeds = [int(x) for x in args.seeds.split(",")]
+  results: dict[str, list[dict]] = {n: [] for n in names}
+  cmd = "python -m qtx.experiment " + " ".join(
+      [f"--config {args.config}", f"--workdir {args.workdir}", f"--normalizers {args.normalizers}",
+       f"--seeds {args.seeds}"] + [f"--set {x}" for x in args.set]
+      + ([f"--out {args.out}"] if args.out else []))
+  for seed in seeds:  # seed-major: every normalizer has a first result early
+    for name in names:
       wd = os.path.join(args.workdir, name, f"seed{seed}")
       r = run_one(args.config, name, seed, wd, args.set)
+      r["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
       results[name].append(r)
       print(f"{name} seed {seed}: " + ", ".join(
-          f"{k}={r[k]:.4g}" for k, *_ in COLUMNS if k in r), flush=True)
-  t = table(results)
+          f"{k}={r[k]:.4g}" for k, *_ in COLUMNS + EXTRA if k in r), flush=True)
+      t = table(results)
+      if args.out:
+        with open(args.out, "w") as f:
+          f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column."
+                  f"\n\n{t}\n\n{table(results, EXTRA)}\n")
   print(t)
-  if args.out:
-    cmd = "python -m qtx.experiment " + " ".join(
-        f"--{k.replace('_', '-')}={v}" if not isinstance(v, list) else
-        " ".join(f"--set {x}" for x in v) for k, v in vars(args).items() if v)
-    with open(args.out, "w") as f:
-      f.write(f"Command: `{cmd}`\n\n{t}\n")
 
 
 if __name__ == "__main__":
