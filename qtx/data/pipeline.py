@@ -32,6 +32,7 @@ def _synthetic(config, split):
                                   size=config.data.eval_size if split == "eval" else None)
   src.class_names = tuple(synthetic.CLASS_NAMES)
   src.templates = tuple(synthetic.TEMPLATES)
+  src.prompts = synthetic.zeroshot_prompts()  # with the right article ("an orange circle")
   return src
 
 
@@ -107,12 +108,15 @@ class EvalTask:
   labels: Optional[np.ndarray]  # N int32 (zero-shot), or None
   class_names: Sequence[str] = ()
   templates: Sequence[str] = ()
+  prompts: Sequence[Sequence[str]] = ()  # C x M ready-made prompts (overrides templates)
 
   def prompt_tokens(self, context_length: int) -> np.ndarray:
     """C x M x T tokens: every class name in every template."""
-    prompts = [[t.format(c) for t in self.templates] for c in self.class_names]
+    prompts = self.prompts or [[t.format(c) for t in self.templates] for c in self.class_names]
+    if len({len(row) for row in prompts}) != 1:
+      raise ValueError("every class needs the same number of prompts")
     flat = tokenizer_lib.tokenize([p for row in prompts for p in row], context_length)
-    return flat.reshape(len(self.class_names), len(self.templates), context_length)
+    return flat.reshape(len(prompts), len(prompts[0]), context_length)
 
 
 def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTask:
@@ -130,4 +134,5 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
     labels = np.asarray([r["label"] for r in recs], np.int32)
   return EvalTask(name=config.data.name, images=images, tokens=tokens, labels=labels,
                   class_names=tuple(getattr(src, "class_names", ())),
-                  templates=tuple(getattr(src, "templates", ())))
+                  templates=tuple(getattr(src, "templates", ())),
+                  prompts=tuple(tuple(p) for p in getattr(src, "prompts", ())))
