@@ -23,6 +23,7 @@ from qtx import checkpoint as ckpt_lib
 from qtx import config_lib, evaluate, losses, parallel
 from qtx import flops as flops_lib
 from qtx.data import pipeline
+from qtx.data import sources as data_sources
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP, build_model
 
@@ -283,6 +284,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if done > start + config.train.log_every:  # skip the interval with compilation
           sps_hist.append(sps)
         m["train/samples_per_sec"] = sps
+        m["data/skipped"] = data_sources.SKIPPED.count
         tflops = n_log * step_flops / dt / n_dev / 1e12
         m["perf/tflops_per_sec_per_device"] = tflops
         if peak:

@@ -91,12 +91,17 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
   if len(src) < 2**30:  # finite sources: reshuffle every epoch and repeat forever
     ds = ds.shuffle(seed=config.seed).repeat()
   ds = ds[process_index::process_count]
+  # Sources return None for a record they cannot decode (counted in sources.SKIPPED).
+  ds = ds.filter(lambda r: r is not None)
   ds = ds.map(Encode(config.model.text.context_length, config.model.image.image_size,
                      config.model.image.channels))
-  ds = ds.batch(global_batch // process_count, drop_remainder=True)
   opts = grain.ReadOptions(num_threads=max(1, config.data.num_workers or 2),
                            prefetch_buffer_size=max(1, config.data.prefetch))
-  return ds.to_iter_dataset(opts)
+  ds = ds.to_iter_dataset(opts)
+  # A source whose records are mostly bad raises instead of looping forever.
+  ds = grain.experimental.WithOptionsIterDataset(
+      ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.5))
+  return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
 @dataclasses.dataclass
@@ -123,7 +128,10 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
   """The eval split as an in-memory EvalTask (first `num_samples` records)."""
   src = source if source is not None else make_source(config, "eval")
   n = min(len(src), num_samples or config.eval.num_samples)
-  recs = [src[i] for i in range(n)]
+  from qtx.data import sources
+  recs = sources.first_records(src, n)  # skips records the source could not decode
+  if not recs:
+    raise ValueError(f"the eval split of data.name={config.data.name!r} has no readable records")
   enc = Encode(config.model.text.context_length, config.model.image.image_size,
                config.model.image.channels)
   images = np.stack([enc.map(r)["image"] for r in recs])

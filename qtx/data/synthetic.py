@@ -214,9 +214,25 @@ def hard_negative_captions(attrs: dict, template: int = 0) -> list[str]:
   return [caption(a, template=template) for a in one_attribute_variants(attrs)]
 
 
-def zeroshot_prompts() -> list[list[str]]:
-  """Per class (in CLASS_NAMES order), the prompts made from TEMPLATES."""
-  return [[_with_articles(t.format(name)) for t in TEMPLATES] for name in CLASS_NAMES]
+def zeroshot_prompts(ensemble: str = "templates") -> list[list[str]]:
+  """Per class (in CLASS_NAMES order), the prompts whose mean embedding stands for the class.
+
+  ensemble='templates': the class name in each of TEMPLATES ("a photo of a red circle.").
+  ensemble='attributes': one caption per size and position the class can appear with
+  ("a small red circle in the top left corner.", ...; 27 per class) - prompt ensembling over
+  the attributes the class name leaves open, in the captions' own wording. No image labels are
+  used either way.
+  """
+  if ensemble == "templates":
+    return [[_with_articles(t.format(name)) for t in TEMPLATES] for name in CLASS_NAMES]
+  if ensemble == "attributes":
+    out = []
+    for color in COLORS:
+      for shape in SHAPES:
+        out.append([caption({"color": color, "shape": shape, "size": size, "position": pos},
+                            template=0) for size in SIZES for pos in POSITIONS])
+    return out
+  raise ValueError(f"unknown prompt ensemble {ensemble!r}; choose 'templates' or 'attributes'")
 
 
 # ---------------------------------------------------------------------------------------------
