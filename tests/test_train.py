@@ -16,7 +16,7 @@ MICRO_FLAGS = [
     "--config.model.image.depth=1", "--config.model.image.heads=2",
     "--config.model.image.mlp_dim=64", "--config.model.text.width=32",
     "--config.model.text.depth=1", "--config.model.text.heads=2",
-    "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16",
+    "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16", "--config.model.image.patch_size=4",
     "--config.data.image_size=16", "--config.model.text.context_length=16",
     "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
     "--config.data.eval_size=16", "--config.train.log_every=2", "--config.mesh.num_devices=1",
