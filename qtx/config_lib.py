@@ -42,6 +42,7 @@ def tower_config(**kw) -> ml_collections.ConfigDict:
   c.depth = kw.pop("depth")
   c.heads = kw.pop("heads")
   c.mlp_dim = kw.pop("mlp_dim")
+  c.activation = kw.pop("activation", "gelu_tanh")  # gelu_tanh | gelu (open_clip) | quick_gelu
   c.attention = attention_config()
   for k, v in kw.items():
     c[k] = v
@@ -97,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 500
   c.eval.num_samples = 1024
   c.eval.batch_size = 256
+  # extra zero-shot evaluators besides the training data's eval split: comma-separated data
+  # source names, each optionally with '@<data path>' (e.g. "fashion_mnist,tfds:cifar10@/tfds")
+  c.eval.zeroshot = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # 0 = only at the end
@@ -201,6 +205,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     except (ValueError, TypeError) as e:
       raise ValueError(f"model.{tower}.attention: {e}") from None
     t = c.model[tower]
+    from qtx.nn.transformer import ACTIVATIONS
+    if t.get("activation", "gelu_tanh") not in ACTIVATIONS:
+      raise ValueError(f"unknown model.{tower}.activation {t.activation!r}; choose one of "
+                       f"{tuple(ACTIVATIONS)}")
     if t.width % t.heads:
       raise ValueError(f"model.{tower}: width {t.width} is not divisible by heads {t.heads}")
   img = c.model.image

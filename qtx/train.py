@@ -251,6 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = make_train_step(s)
   enc_i, enc_t = make_encoders(s)
   task = pipeline.eval_task(config) if config.eval.every_steps >= 0 else None
+  extra_tasks = zeroshot_tasks(config)
   outliers_every = int(config.quant.outliers_every_steps)
   outlier_fn = None
   if outliers_every > 0 and task is not None:
@@ -301,8 +302,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_log = time.perf_counter()
       if task is not None and config.eval.every_steps > 0 and (
           done % config.eval.every_steps == 0) and done != total:
-        ev = evaluate.evaluate(lambda x: enc_i(state.params, x), lambda x: enc_t(state.params, x),
-                               task, config.eval.batch_size)
+        ev = evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config)
         writer.write(done, ev)
         last.update(ev)
         t_log = time.perf_counter()
@@ -322,8 +322,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if sps_hist:
       ev["train/samples_per_sec_steady"] = float(np.median(sps_hist))
     if task is not None:
-      ev.update(evaluate.evaluate(lambda x: enc_i(state.params, x),
-                                  lambda x: enc_t(state.params, x), task, config.eval.batch_size))
+      ev.update(evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config))
     if ev:
       writer.write(final_step, ev)
       last.update(ev)
@@ -339,6 +338,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(summary, flush=True)
   return last
+
+
+def zeroshot_tasks(config) -> dict:
+  """Extra evaluators from eval.zeroshot ("name[@path],..."), each an EvalTask."""
+  spec = config.eval.get("zeroshot", "")
+  if not spec:
+    return {}
+  out = {}
+  for item in (x.strip() for x in spec.split(",") if x.strip()):
+    name, _, path = item.partition("@")
+    out[name] = data_sources.make_eval_task(config, name, path or None)
+  return out
+
+
+def evaluate_all(enc_i, enc_t, params, task, extra_tasks, config) -> dict:
+  """The training data's eval split under eval/, each extra evaluator under eval/<name>/."""
+  fi = lambda x: enc_i(params, x)
+  ft = lambda x: enc_t(params, x)
+  out = evaluate.evaluate(fi, ft, task, config.eval.batch_size)
+  for name, t in extra_tasks.items():
+    out.update(evaluate.evaluate(fi, ft, t, config.eval.batch_size, prefix=f"eval/{name}/"))
+  return out
 
 
 def _check_finite(step, metrics):

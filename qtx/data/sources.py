@@ -352,6 +352,7 @@ class _Prefix:
     self._records = records
     self.class_names = tuple(getattr(like, "class_names", ()))
     self.templates = tuple(getattr(like, "templates", ()))
+    self.prompts = tuple(getattr(like, "prompts", ()))
 
   def __len__(self):
     return len(self._records)

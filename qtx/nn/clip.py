@@ -57,14 +57,14 @@ class CLIP(nn.Module):
 
 
 def _tower_kwargs(t, keys):
-  out = {k: t[k] for k in keys}
+  out = {k: t[k] for k in keys if k in t}
   out["attention"] = AttentionConfig.from_config(t.attention)
   return out
 
 
 IMAGE_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "channels",
-              "ln_pre")
-TEXT_KEYS = ("vocab_size", "context_length", "width", "depth", "heads", "mlp_dim")
+              "ln_pre", "activation")
+TEXT_KEYS = ("vocab_size", "context_length", "width", "depth", "heads", "mlp_dim", "activation")
 
 
 def build_model(config, quant: Optional[QuantConfig] = None) -> CLIP:

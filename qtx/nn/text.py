@@ -25,6 +25,7 @@ class TextTower(nn.Module):
   quant: Optional[QuantConfig] = None
   scan: bool = False
   remat: str = "none"
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, tokens_BxT, step=None):
@@ -40,7 +41,7 @@ class TextTower(nn.Module):
     x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x)
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=True,
                 dtype=self.dtype, quant=self.quant, scan=self.scan, remat=self.remat,
-                name="encoder")(x, None, step)
+                activation=self.activation, name="encoder")(x, None, step)
     x = layer_norm(self.quant, self.dtype, "ln_final")(x)
     eot = jnp.argmax(tokens_BxT, axis=-1)
     pooled = x[jnp.arange(B), eot].astype(jnp.float32)

@@ -16,12 +16,24 @@ from qtx.nn.attention import AttentionConfig, MultiHeadAttention
 from qtx.quant.layers import ActQuant, QDense, QLayerNorm, QuantConfig
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # open_clip
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; choose one of {tuple(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x_BxTxD):
@@ -31,7 +43,7 @@ class Mlp(nn.Module):
                    nn.initializers.lecun_normal(), ("embed", "mlp")),
                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BxTxD)
     h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-    h = nn.gelu(h, approximate=True)
+    h = activation_fn(self.activation)(h)
     h = ActQuant(cfg=self.quant, point="mlp_act", name="act_quant")(h)
     return QDense(D, dtype=self.dtype, cfg=self.quant, name="fc2",
                   kernel_init=nn.with_logical_partitioning(
@@ -53,6 +65,7 @@ class Block(nn.Module):
   causal: bool = False
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
@@ -62,7 +75,7 @@ class Block(nn.Module):
                            name="attn")(y, key_mask_BxS, step)
     x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_1_quant")(x_BxTxD + y)
     y = layer_norm(self.quant, self.dtype, "ln_2")(x_BxTxD)
-    y = Mlp(self.mlp_dim, self.dtype, self.quant, name="mlp")(y)
+    y = Mlp(self.mlp_dim, self.dtype, self.quant, self.activation, name="mlp")(y)
     self.sow("intermediates", "ffn_out", y)
     x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_2_quant")(x_BxTxD + y)
     self.sow("intermediates", "block_out", x_BxTxD)
@@ -102,11 +115,14 @@ class Encoder(nn.Module):
   quant: Optional[QuantConfig] = None
   scan: bool = False
   remat: str = "none"
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
+    activation_fn(self.activation)  # validate early
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, attention=self.attention,
-              causal=self.causal, dtype=self.dtype, quant=self.quant)
+              causal=self.causal, dtype=self.dtype, quant=self.quant,
+              activation=self.activation)
     policy = _remat_policy(self.remat)
     if self.scan:
       body = _ScanBlock

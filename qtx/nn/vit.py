@@ -51,6 +51,7 @@ class VisionTower(nn.Module):
   quant: Optional[QuantConfig] = None
   scan: bool = False
   remat: str = "none"
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, images_BxHxWxC, step=None):
@@ -81,7 +82,7 @@ class VisionTower(nn.Module):
       x = layer_norm(self.quant, self.dtype, "ln_pre")(x)
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=False,
                 dtype=self.dtype, quant=self.quant, scan=self.scan, remat=self.remat,
-                name="encoder")(x, None, step)
+                activation=self.activation, name="encoder")(x, None, step)
     pooled = layer_norm(self.quant, self.dtype, "ln_post")(x[:, 0])
     keep_head = self.quant is None or "head" in self.quant.keep_float
     init = nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed", "joint"))
