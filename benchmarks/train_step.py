@@ -12,7 +12,6 @@ every other row reads as a ratio to it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 
@@ -24,13 +23,8 @@ from qtx import parallel, train
 
 
 def load_config(path: str):
-  arg = None
-  if ":" in path:
-    path, arg = path.split(":", 1)
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from qtx import config_lib
+  return config_lib.load_config_file(path)
 
 
 def measure(config, steps: int, warmup: int = 2) -> dict:

@@ -11,6 +11,20 @@ import ml_collections
 NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus")
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file given as 'path.py' or 'path.py:arg'."""
+  import importlib.util
+  arg = None
+  if ":" in path:
+    path, arg = path.split(":", 1)
+  spec = importlib.util.spec_from_file_location("qtx_config_file", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
 def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
   """Attention block of one tower.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import resource
@@ -42,13 +41,8 @@ EXTRA = (
 
 
 def load_config(path: str):
-  arg = None
-  if ":" in path:
-    path, arg = path.split(":", 1)
-  spec = importlib.util.spec_from_file_location("experiment_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from qtx import config_lib
+  return config_lib.load_config_file(path)
 
 
 def _set(config, assignment: str):
