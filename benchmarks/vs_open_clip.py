@@ -11,47 +11,10 @@ iteration. Prints samples/s of each and the ratio qtx / open_clip.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import sys
 import time
-import types
 
 import numpy as np
-
-
-@contextlib.contextmanager
-def _without_optional_imports(names=("torchvision", "torchvision.ops", "torchvision.ops.misc",
-                                     "torchvision.transforms",
-                                     "torchvision.transforms.functional", "ftfy")):
-  """open_clip imports torchvision/ftfy at import time only for transforms we do not use."""
-
-  class _Anything(type):
-    def __getattr__(cls, attr):
-      if attr.startswith("__"):
-        raise AttributeError(attr)
-      return cls
-
-  class _Stub(metaclass=_Anything):
-    def __init__(self, *a, **k):
-      pass
-
-  added = []
-  for name in names:
-    try:
-      __import__(name)
-    except ImportError:
-      m = types.ModuleType(name)
-      m.__getattr__ = lambda a: (_ for _ in ()).throw(AttributeError(a)) if a.startswith(
-          "__") else _Stub
-      m.__path__ = []
-      sys.modules[name] = m
-      added.append(name)
-  try:
-    yield
-  finally:
-    for name in added:
-      sys.modules.pop(name, None)
 
 
 def qtx_samples_per_s(config, steps):
@@ -62,8 +25,8 @@ def qtx_samples_per_s(config, steps):
 def open_clip_samples_per_s(config, steps, threads):
   import torch
   import torch.nn.functional as F
-  with _without_optional_imports():
-    from open_clip.model import CLIP
+  from qtx.weights import open_clip_model_class
+  CLIP = open_clip_model_class()
   torch.set_num_threads(threads)
   im, tx = config.model.image, config.model.text
   model = CLIP(embed_dim=config.model.embed_dim,

@@ -513,10 +513,11 @@ def merge_into_template(converted: Mapping, template: Mapping, config,
 def _warn_differences(config) -> None:
   for tower in ("image", "text"):
     t = config.model[tower]
-    if "activation" not in t:
-      logging.warning("model.%s: qtx uses tanh-approximate GELU; OpenAI checkpoints use "
-                      "QuickGELU and most open_clip ones exact GELU, so imported embeddings "
-                      "differ slightly until fine-tuned", tower)
+    if t.get("activation", "gelu_tanh") == "gelu_tanh":
+      logging.warning("model.%s.activation=gelu_tanh: OpenAI checkpoints use QuickGELU "
+                      "(activation=quick_gelu) and most open_clip ones exact GELU "
+                      "(activation=gelu); with gelu_tanh imported embeddings differ slightly",
+                      tower)
     if t.attention.normalizer != "softmax":
       logging.warning("model.%s.attention.normalizer=%r: the checkpoint was trained with "
                       "softmax, so the imported model starts away from it", tower,
@@ -554,3 +555,58 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   raise SystemExit(main())
+
+
+_OPTIONAL_IMPORTS = ("torchvision", "torchvision.ops", "torchvision.ops.misc",
+                     "torchvision.transforms", "torchvision.transforms.functional", "ftfy")
+
+
+def open_clip_model_class():
+  """open_clip's CLIP model class, importable without torchvision and ftfy.
+
+  open_clip imports them at module load only for image transforms and text cleaning, which
+  conversions and benchmarks do not use; missing ones are replaced by placeholder modules for
+  the duration of the import and removed again. Needs torch and open_clip_torch installed
+  (`pip install torch open_clip_torch --no-deps`).
+  """
+  import sys
+  import types
+
+  class _Anything(type):
+    def __getattr__(cls, attr):
+      if attr.startswith("__"):
+        raise AttributeError(attr)
+      return cls
+
+  class _Stub(metaclass=_Anything):
+    def __init__(self, *a, **k):
+      pass
+
+  def _attr(attr):
+    if attr.startswith("__"):
+      raise AttributeError(attr)
+    return _Stub
+
+  added = []
+  for name in _OPTIONAL_IMPORTS:
+    if name in sys.modules:
+      continue
+    try:
+      __import__(name)
+      continue
+    except ImportError:
+      pass
+    m = types.ModuleType(name)
+    m.__getattr__ = _attr
+    m.__path__ = []
+    sys.modules[name] = m
+    parent, _, child = name.rpartition(".")
+    if parent in sys.modules:
+      setattr(sys.modules[parent], child, m)
+    added.append(name)
+  try:
+    from open_clip.model import CLIP
+  finally:
+    for name in added:
+      sys.modules.pop(name, None)
+  return CLIP

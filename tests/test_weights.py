@@ -1,11 +1,8 @@
 """Pretrained CLIP weight import: name/layout mapping, shape checks, gates, file formats, and
 parity with open_clip (when torch and open_clip_torch are installed)."""
-import contextlib
 import json
 import math
 import struct
-import sys
-import types
 import warnings
 
 import flax.linen as nn
@@ -322,62 +319,12 @@ def test_torch_files_wrappers_and_torchscript(tmp_path):
 # Parity with open_clip
 
 
-_STUBS = ("torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
-          "torchvision.transforms.functional", "ftfy")
-
-
-@contextlib.contextmanager
-def _stubbed(names):
-  """Placeholder modules for open_clip's import-time-only dependencies (torchvision, ftfy);
-  removed again after the import so nothing else sees them."""
-
-  class _Meta(type):
-    def __getattr__(cls, attr):
-      if attr.startswith("__"):
-        raise AttributeError(attr)
-      return cls
-
-  class _Any(metaclass=_Meta):
-    def __init__(self, *a, **k):
-      pass
-
-  def _any_attribute(attr):
-    if attr.startswith("__"):
-      raise AttributeError(attr)
-    return _Any
-
-  added = []
-  for name in names:
-    if name in sys.modules:
-      continue
-    try:
-      __import__(name)
-      continue
-    except ImportError:
-      pass
-    m = types.ModuleType(name)
-    m.__getattr__ = _any_attribute
-    m.__path__ = []
-    sys.modules[name] = m
-    parent, _, child = name.rpartition(".")
-    if parent in sys.modules:
-      setattr(sys.modules[parent], child, m)
-    added.append(name)
-  try:
-    yield
-  finally:
-    for name in added:
-      sys.modules.pop(name, None)
-
-
 def _open_clip_model_class():
   pytest.importorskip("torch")
   import importlib.util
   if importlib.util.find_spec("open_clip") is None:
     pytest.skip("open_clip_torch is not installed (pip install open_clip_torch --no-deps)")
-  with _stubbed(_STUBS):
-    from open_clip.model import CLIP
-  return CLIP
+  return weights.open_clip_model_class()
 
 
 @pytest.mark.parametrize("preset", ["softmax", "gated"])
