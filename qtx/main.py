@@ -15,7 +15,6 @@ Every run appends JSON lines to WORKDIR/metrics.jsonl and writes TensorBoard eve
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 from absl import app, flags, logging

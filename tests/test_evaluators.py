@@ -1,6 +1,5 @@
 """Extra zero-shot evaluators (eval.zeroshot) and the MLP activation choice."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Sharding: mesh construction, logical rules, and equivalence of sharded and 1-device steps."""
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
