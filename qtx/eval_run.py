@@ -177,6 +177,7 @@ def summary_line(step: int, m: Mapping[str, Any], head: str = "qtx eval") -> str
 
 def run_eval(config, workdir: str) -> dict:
   """Restore, evaluate zero-shot + retrieval and outliers on the eval task, log one row."""
+  checkpoint_path(config, workdir)  # fail fast, before building anything
   s = train.setup(config)
   params, step = load_params(config, workdir, s)
   task = pipeline.eval_task(config)

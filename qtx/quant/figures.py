@@ -52,8 +52,19 @@ def per_layer_from_metrics(metrics: Mapping[str, Any], prefix: str = "outliers/"
       group, metric, layer = "", parts[0], "/".join(parts[1:])
     else:
       continue
-    out.setdefault(group, {m: {} for m in METRICS})[metric][layer] = float(v)
+    out.setdefault(group, {m: {} for m in METRICS})[metric][canonical_layer(layer)] = float(v)
   return out
+
+
+def canonical_layer(name: str) -> str:
+  """'encoder/block_0/ffn_out' and 'encoder/blocks_0/block/ffn_out' (nn.scan) -> 'block_0/ffn_out'
+  so that runs logged with and without the encoder prefix or nn.scan compare layer by layer."""
+  parts = name.split("/")
+  if parts and parts[0] == "encoder":
+    parts = parts[1:]
+  if len(parts) >= 2 and parts[0].startswith("blocks_") and parts[1] == "block":
+    parts = ["block_" + parts[0][len("blocks_"):]] + parts[2:]
+  return "/".join(parts)
 
 
 def plot_run_outliers(metrics: Mapping[str, Any], path: str, title: Optional[str] = None) -> str:
@@ -226,9 +237,8 @@ def plot_attention_maps(layers: Mapping[str, Mapping[str, np.ndarray]],
       ax.set_xticks([])
       ax.set_yticks([])
       fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=5)
-    axes[r, 0].text(-0.45, 0.5, f"inf-norm {hc.layer_inf_norm:.1f}\nsink {hc.sink_mass:.2f} "
-                    f"@ {hc.sink_token}", transform=axes[r, 0].transAxes, fontsize=6,
-                    rotation=90, va="center", ha="center")
+    axes[r, 0].set_ylabel(f"inf-norm {hc.layer_inf_norm:.1f}, sink {hc.sink_mass:.2f} @ key "
+                          f"{hc.sink_token}\nquery", fontsize=6)
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()

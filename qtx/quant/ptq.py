@@ -21,8 +21,10 @@
      ptq/quant_eval_overhead    quantized / float evaluation time (same process)
 
 Ablation (`ablate_points`, enabled by `quant.ablate`): the quantized evaluation repeated with one
-class of quantization points at a time kept in float, to find which quantizer causes a drop
-before attributing it to outliers (PAPERS.md section 7).
+class of quantization points at a time kept in float (POINT_CLASSES: input, embed, attn_scores,
+attn_probs, attn_context, resid, mlp_act, linear_out, ln_out, weights), to find which quantizer
+causes a drop before attributing it to outliers (PAPERS.md section 7). Metrics
+ptq/ablate/<class>/<metric>.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qtx import evaluate, eval_run, parallel, train
@@ -91,9 +94,20 @@ def make_calibrate_step(model: CLIP) -> Callable:
   return jax.jit(step)
 
 
+def _replicate_like(tree, params):
+  """tree replicated over the mesh of params (when params carry a NamedSharding), i.e. placed as
+  the jitted step returns it, so the second step does not compile again."""
+  for leaf in jax.tree.leaves(params):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+      return jax.device_put(tree, jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec()))
+  return tree
+
+
 def calibrate(model: CLIP, params, stats, batches: Iterable[Mapping[str, Any]]):
   """Runs the calibration steps; returns (stats, per-step seconds, first included)."""
   step = make_calibrate_step(model)
+  stats = _replicate_like(stats, params)
   times = []
   for batch in batches:
     t0 = time.perf_counter()
@@ -128,20 +142,12 @@ def _float_step_seconds(model: CLIP, params, batches: Sequence[Mapping[str, Any]
 
 # ----------------------------------------------------------------------------- evaluation
 
-def make_quant_encoders(model: CLIP, interceptor: Optional[Callable] = None):
-  """Jitted (params, stats, x) -> normalised embeddings of the fake-quantized model.
-
-  `interceptor` (a flax method interceptor) is active while the functions are traced.
-  """
+def make_quant_encoders(model: CLIP):
+  """Jitted (params, stats, x) -> normalised embeddings of the fake-quantized model."""
 
   def wrap(method):
-    def fn(params, stats, x):
-      variables = {"params": params, QUANT_STATS: stats}
-      if interceptor is None:
-        return model.apply(variables, x, method=method)
-      with nn.intercept_methods(interceptor):
-        return model.apply(variables, x, method=method)
-    return jax.jit(fn)
+    return jax.jit(lambda params, stats, x: model.apply(
+        {"params": params, QUANT_STATS: stats}, x, method=method))
 
   return wrap(CLIP.encode_image), wrap(CLIP.encode_text)
 
@@ -164,73 +170,86 @@ def timed_evaluate(enc_i, enc_t, task, batch_size: int, prefix: str):
   return m, time.perf_counter() - t0
 
 
-def quantized_metrics(model: CLIP, params, stats, task, batch_size: int, prefix: str,
-                      interceptor: Optional[Callable] = None):
-  enc_i, enc_t = make_quant_encoders(model, interceptor)
+def quantized_metrics(model: CLIP, params, stats, task, batch_size: int, prefix: str):
+  enc_i, enc_t = make_quant_encoders(model)
   return timed_evaluate(lambda x: enc_i(params, stats, x), lambda x: enc_t(params, stats, x),
                         task, batch_size, prefix)
 
 
 # ----------------------------------------------------------------------------- ablation
 
-@dataclasses.dataclass(frozen=True)
-class PointClass:
-  """One class of quantization points kept in float during an ablation run.
+# Classes of activation quantization points. Each is the ActQuant `point` name, except that the
+# outputs of QDense and QLayerNorm (both point 'out') are told apart by the module they sit in.
+ACT_CLASSES = ("input", "embed", "attn_scores", "attn_probs", "attn_context", "resid", "mlp_act",
+               "linear_out", "ln_out")
+WEIGHTS = "weights"
+POINT_CLASSES = ACT_CLASSES + (WEIGHTS,)
 
-  keep_float: point names added to QuantConfig.keep_float (ActQuant skips them).
-  outputs_of: skip the output quantizer (ActQuant point 'out') of this module type only
-    (QDense: linear outputs, QLayerNorm: LayerNorm outputs; both use the point name 'out').
-  float_weights: weights (and LayerNorm scales) unquantized. `quantize_weight` has no point
-    name, so the weight grid is raised to 16 bits (step absmax/32767, float for all purposes)
-    and 'weights' is added to keep_float for a QuantConfig that honours it.
+
+def check_point_class(name: str) -> str:
+  if name not in POINT_CLASSES:
+    raise ValueError(f"unknown quantization point class {name!r}; choose one of {POINT_CLASSES}")
+  return name
+
+
+def act_point_class(module: ActQuant) -> Optional[str]:
+  """The ablation class of an activation quantizer (None: not in any class)."""
+  if module.point == "out":
+    if isinstance(module.parent, QDense):
+      return "linear_out"
+    if isinstance(module.parent, QLayerNorm):
+      return "ln_out"
+    return None
+  return module.point if module.point in ACT_CLASSES else None
+
+
+def keep_float_interceptor(keep_C) -> Callable:
+  """Flax interceptor: an ActQuant of class ACT_CLASSES[i] returns its input where keep_C[i].
+
+  keep_C is a boolean vector (traced or concrete) over ACT_CLASSES, so one compiled program
+  serves every ablation entry. Selecting the input is exact: the result equals a model whose
+  QuantConfig.keep_float lists that point.
   """
-  name: str
-  keep_float: tuple[str, ...] = ()
-  outputs_of: Optional[type] = None
-  float_weights: bool = False
-
-
-POINT_CLASSES = (
-    PointClass("input", keep_float=("input",)),
-    PointClass("embed", keep_float=("embed",)),
-    PointClass("attn_scores", keep_float=("attn_scores",)),
-    PointClass("attn_probs", keep_float=("attn_probs",)),
-    PointClass("attn_context", keep_float=("attn_context",)),
-    PointClass("resid", keep_float=("resid",)),
-    PointClass("mlp_act", keep_float=("mlp_act",)),
-    PointClass("linear_out", outputs_of=QDense),
-    PointClass("ln_out", outputs_of=QLayerNorm),
-    PointClass("weights", keep_float=("weights",), float_weights=True),
-)
-
-
-def point_class(name: str) -> PointClass:
-  for pc in POINT_CLASSES:
-    if pc.name == name:
-      return pc
-  raise ValueError(f"unknown quantization point class {name!r}; choose one of "
-                   f"{tuple(pc.name for pc in POINT_CLASSES)}")
-
-
-def skip_outputs_of(module_type: type) -> Callable:
-  """Flax interceptor: ActQuant called inside a `module_type` module returns its input."""
 
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
-    if (context.method_name == "__call__" and isinstance(m, ActQuant)
-        and isinstance(m.parent, module_type)):
-      return args[0]
-    return next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or not isinstance(m, ActQuant):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    cls = act_point_class(m)
+    if cls is None:
+      return y
+    return jnp.where(keep_C[ACT_CLASSES.index(cls)], args[0], y)
 
   return interceptor
 
 
-def ablation_quant_config(qcfg: QuantConfig, pc: PointClass) -> QuantConfig:
-  kw = dict(keep_float=tuple(qcfg.keep_float) + tuple(
-      n for n in pc.keep_float if n not in qcfg.keep_float))
-  if pc.float_weights:
-    kw["weight_bits"] = 16
-  return dataclasses.replace(qcfg, **kw)
+def make_masked_encoders(model: CLIP):
+  """Jitted (params, stats, keep_C, x) -> embeddings with the classes in keep_C kept float."""
+
+  def wrap(method):
+    def fn(params, stats, keep_C, x):
+      with nn.intercept_methods(keep_float_interceptor(keep_C)):
+        return model.apply({"params": params, QUANT_STATS: stats}, x, method=method)
+    return jax.jit(fn)
+
+  return wrap(CLIP.encode_image), wrap(CLIP.encode_text)
+
+
+def keep_mask(names: Sequence[str]) -> np.ndarray:
+  """Boolean vector over ACT_CLASSES, True for the listed classes."""
+  for n in names:
+    if n not in ACT_CLASSES:
+      raise ValueError(f"unknown activation point class {n!r}; choose one of {ACT_CLASSES}")
+  return np.asarray([c in names for c in ACT_CLASSES])
+
+
+def float_weights_config(qcfg: QuantConfig) -> QuantConfig:
+  """qcfg with unquantized weights. `quantize_weight` takes no point name, so the weight grid
+  (also LayerNorm scales) goes to 16 bits (step absmax/32767: float for all purposes here), and
+  'weights' joins keep_float for a QuantConfig that honours it."""
+  keep = tuple(qcfg.keep_float) + (() if WEIGHTS in qcfg.keep_float else (WEIGHTS,))
+  return dataclasses.replace(qcfg, weight_bits=16, keep_float=keep)
 
 
 def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
@@ -239,28 +258,40 @@ def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
                   batch_size: Optional[int] = None) -> dict[str, dict[str, float]]:
   """Quantized evaluation with one point class at a time kept in float.
 
-  stats: the calibrated 'quant_stats' of the full `qcfg` model; reused for every activation
-  class (calibration passes activations through in float, so their ranges do not depend on
-  which activation points are quantized). The weights class changes the calibration forward
-  and is calibrated again on `batches` (required for it). Returns
-  {class: {'zeroshot_top1', 'i2t_r1', 't2i_r1', ...}} with one entry per class, in order.
+  Classes: POINT_CLASSES (activation classes ACT_CLASSES, then 'weights'). stats: the calibrated
+  'quant_stats' of the `qcfg` model; they serve every activation class, because calibration
+  passes activations through in float (their ranges do not depend on which activation points
+  are quantized); without them, or for 'weights' (which changes the calibration forward), the
+  model is calibrated on `batches`. All activation classes share one compiled program.
+  Returns {class: {'zeroshot_top1', 'i2t_r1', 't2i_r1', ...}}, one entry per class, in order.
   """
-  names = [pc.name for pc in POINT_CLASSES] if classes is None else list(classes)
+  names = list(POINT_CLASSES if classes is None else classes)
+  for n in names:
+    check_point_class(n)
   bs = batch_size or config.eval.batch_size
   out: dict[str, dict[str, float]] = {}
-  for name in names:
-    pc = point_class(name)
-    cfg = ablation_quant_config(qcfg, pc)
-    model = build_model(config, quant=cfg)
-    st = stats
-    if pc.float_weights or st is None:
-      if not batches:
-        raise ValueError(f"ablation of {name!r} needs calibration batches")
-      st, _ = calibrate(model, params, init_quant_stats(model, config), batches)
-    interceptor = skip_outputs_of(pc.outputs_of) if pc.outputs_of is not None else None
-    m, _ = quantized_metrics(model, params, st, task, bs, prefix="", interceptor=interceptor)
-    out[name] = m
-  return out
+
+  def need_batches(what):
+    if not batches:
+      raise ValueError(f"ablation of {what} needs calibration batches")
+    return batches
+
+  act_names = [n for n in names if n in ACT_CLASSES]
+  if act_names:
+    model = build_model(config, quant=qcfg)
+    if stats is None:
+      stats, _ = calibrate(model, params, init_quant_stats(model, config),
+                           need_batches("activations"))
+    enc_i, enc_t = make_masked_encoders(model)
+    for n in act_names:
+      keep = keep_mask([n])
+      out[n], _ = timed_evaluate(lambda x: enc_i(params, stats, keep, x),
+                                 lambda x: enc_t(params, stats, keep, x), task, bs, prefix="")
+  if WEIGHTS in names:
+    model = build_model(config, quant=float_weights_config(qcfg))
+    st, _ = calibrate(model, params, init_quant_stats(model, config), need_batches(WEIGHTS))
+    out[WEIGHTS], _ = quantized_metrics(model, params, st, task, bs, prefix="")
+  return {n: out[n] for n in names}
 
 
 # ----------------------------------------------------------------------------- report
@@ -283,9 +314,16 @@ def _strip(m: Mapping[str, float], prefix: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_ptq(config, workdir: str) -> dict:
-  """PTQ mode (module docstring); returns the metrics written to WORKDIR/metrics.jsonl."""
+def run_ptq(config, workdir: str, ablate: Optional[bool] = None) -> dict:
+  """PTQ mode (module docstring); returns the metrics written to WORKDIR/metrics.jsonl (plus
+  'ablation': {class: metrics} when the ablation ran).
+
+  ablate: run `ablate_points` too; None reads `config.quant.ablate` (False when absent).
+  """
+  if ablate is None:
+    ablate = bool(config.quant.get("ablate", False))
   t_start = time.perf_counter()
+  eval_run.checkpoint_path(config, workdir)  # fail fast, before building anything
   s = train.setup(config)
   params, step = eval_run.load_params(config, workdir, s)
   qcfg = quant_config(config)
@@ -323,7 +361,7 @@ def run_ptq(config, workdir: str) -> dict:
 
   rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
   ablation = None
-  if config.quant.get("ablate", False):
+  if ablate:
     ablation = ablate_points(config, params, task, qcfg, stats=stats, batches=batches,
                              batch_size=bs)
     for name, m in ablation.items():

@@ -1,0 +1,141 @@
+"""Eval mode: restore + evaluate reproduces training's final eval; outlier statistics."""
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from qtx import eval_run, metrics, train
+from qtx.nn.clip import CLIP
+
+
+def _config(**kw):
+  return micro_config(**{"model.image.depth": 2, "model.text.depth": 1, "train.total_steps": 4,
+                         "eval.num_samples": 24, "data.eval_size": 24, "eval.batch_size": 16,
+                         **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(config, workdir, training's final eval metrics) of a 4-step run."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  c = _config()
+  out = train.train_and_evaluate(c, workdir)
+  return c, workdir, {k: v for k, v in out.items() if k.startswith("eval/")}
+
+
+def test_eval_reproduces_final_training_metrics(trained, tmp_path, capsys):
+  c, workdir, final = trained
+  assert set(final) >= {"eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1"}
+  c = _config(mode="eval")
+  m = eval_run.run_eval(c, workdir)  # init_from empty: the workdir's own checkpoint
+  assert {k: m[k] for k in final} == final
+  row = metrics.read(workdir)[-1]
+  assert row["step"] == 4 and {k: row[k] for k in final} == final
+  for tower in ("image", "text"):
+    assert row[f"outliers/{tower}/max_inf_norm"] > 0
+    assert row[f"outliers/{tower}/inf_norm/block_0/ffn_out"] > 0
+  assert row["outliers/max_inf_norm"] == max(row["outliers/image/max_inf_norm"],
+                                             row["outliers/text/max_inf_norm"])
+  # 2 image layers + 1 text layer, two tensors each: the combined mean is over all 6 tensors
+  kurts = [v for k, v in row.items() if "/kurtosis/" in k]
+  assert len(kurts) == 6 and row["outliers/avg_kurtosis"] == pytest.approx(np.mean(kurts))
+  assert "qtx eval: step 4 | zero-shot top-1" in capsys.readouterr().out
+  # the same checkpoint through init_from, written to another workdir
+  c = _config(mode="eval", init_from=os.path.join(workdir, "checkpoints"))
+  other = str(tmp_path / "other")
+  m2 = eval_run.run_eval(c, other)
+  assert {k: m2[k] for k in final} == final
+  assert metrics.read(other)[-1]["outliers/max_inf_norm"] == row["outliers/max_inf_norm"]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  c = _config(mode="eval")
+  with pytest.raises(FileNotFoundError, match=r"init_from is empty and '.*checkpoints' holds no "
+                                              r"checkpoint"):
+    eval_run.run_eval(c, str(tmp_path))
+  missing = str(tmp_path / "nowhere")
+  c = _config(mode="eval", init_from=missing)
+  with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint '{missing}' does not exist")):
+    eval_run.run_eval(c, str(tmp_path))
+  from qtx.quant import ptq
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    ptq.run_ptq(_config(mode="ptq", init_from=missing), str(tmp_path))
+
+
+def _np_kurtosis(v):
+  v = np.asarray(v, np.float64).ravel()
+  d = v - v.mean()
+  return np.mean(d ** 4) / np.mean(d ** 2) ** 2
+
+
+def _stack_blocks(params_tower, depth):
+  """Non-scan encoder params (block_<i>) -> nn.scan layout (blocks/block, leading layer axis)."""
+  enc = dict(params_tower["encoder"])
+  blocks = [enc.pop(f"block_{i}") for i in range(depth)]
+  enc["blocks"] = {"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+  return {**params_tower, "encoder": enc}
+
+
+def test_outlier_metrics_equal_numpy_and_scan(trained):
+  """Streaming over padded batches equals per-sequence numpy statistics over all samples;
+  the nn.scan model gives the same names and values."""
+  c, workdir, _ = trained
+  s = train.setup(c)
+  params, _ = eval_run.load_params(_config(mode="eval"), workdir, s)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+  tokens = np.zeros((5, 16), np.int32)
+  tokens[:, :4] = [49406, 320, 1125, 49407]
+  tokens[1, 1:3] = [2368, 539]
+  got = eval_run.outlier_metrics(s.model, params, images, tokens, batch_size=4)
+
+  want = {}
+  for tower, method, x in (("image", CLIP.encode_image, images),
+                           ("text", CLIP.encode_text, tokens)):
+    _, st = s.model.apply({"params": params}, x, method=method, mutable=["intermediates"])
+    enc = st["intermediates"]["visual" if tower == "image" else "textual"]["encoder"]
+    for layer, tensors in enc.items():
+      for t in ("block_out", "ffn_out"):
+        v = np.asarray(tensors[t][0], np.float64)
+        want[f"outliers/{tower}/inf_norm/{layer}/{t}"] = np.mean(np.abs(v).max(axis=(1, 2)))
+        want[f"outliers/{tower}/kurtosis/{layer}/{t}"] = np.mean([_np_kurtosis(b) for b in v])
+  per_layer = {k: v for k, v in got.items() if "/inf_norm/" in k or "/kurtosis/" in k}
+  assert sorted(per_layer) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=2e-5, err_msg=k)
+  np.testing.assert_allclose(got["outliers/max_inf_norm"],
+                             max(v for k, v in want.items() if "/inf_norm/" in k), rtol=2e-5)
+
+  cs = _config(**{"model.scan": True})
+  s_scan = train.setup(cs)
+  p_scan = dict(params)
+  p_scan["visual"] = _stack_blocks(params["visual"], 2)
+  p_scan["textual"] = _stack_blocks(params["textual"], 1)
+  got_scan = eval_run.outlier_metrics(s_scan.model, p_scan, images, tokens, batch_size=4)
+  assert sorted(got_scan) == sorted(got)
+  for k in got:
+    np.testing.assert_allclose(got_scan[k], got[k], rtol=1e-4, err_msg=k)
+
+
+def test_aggregate_outliers_hand_computed():
+  out = eval_run.aggregate_outliers({
+      "image": {"block_1/ffn_out": (2.0, 3.0), "block_0/ffn_out": (5.0, 4.0)},
+      "text": {"block_0/block_out": (7.0, 8.0)}})
+  assert out == {
+      "outliers/image/inf_norm/block_0/ffn_out": 5.0,
+      "outliers/image/kurtosis/block_0/ffn_out": 4.0,
+      "outliers/image/inf_norm/block_1/ffn_out": 2.0,
+      "outliers/image/kurtosis/block_1/ffn_out": 3.0,
+      "outliers/image/max_inf_norm": 5.0, "outliers/image/avg_kurtosis": 3.5,
+      "outliers/text/inf_norm/block_0/block_out": 7.0,
+      "outliers/text/kurtosis/block_0/block_out": 8.0,
+      "outliers/text/max_inf_norm": 7.0, "outliers/text/avg_kurtosis": 8.0,
+      "outliers/max_inf_norm": 7.0, "outliers/avg_kurtosis": 5.0,
+  }
+  assert list(out)[:2] == ["outliers/image/inf_norm/block_0/ffn_out",
+                           "outliers/image/kurtosis/block_0/ffn_out"]  # layer order
+  with pytest.raises(ValueError, match="no outlier tensors for tower 'text'"):
+    eval_run.aggregate_outliers({"text": {}})

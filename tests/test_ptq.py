@@ -1,0 +1,280 @@
+"""PTQ driver: end-to-end run with ablation, bit widths vs embedding error, figures."""
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from qtx import checkpoint as ckpt_lib
+from qtx import metrics, train
+from qtx.nn.clip import build_model
+from qtx.quant import figures, ptq
+from qtx.quant.layers import QDense, QuantConfig, quantize_weight
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _config(**kw):
+  c = micro_config(**{"model.image.depth": 1, "model.text.depth": 1, "quant.calib_batches": 2,
+                      "eval.num_samples": 32, "data.eval_size": 32, "eval.batch_size": 32, **kw})
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(config, workdir, setup, params) of an initialised model saved as a step-0 checkpoint."""
+  workdir = str(tmp_path_factory.mktemp("ptq_run"))
+  c = _config()
+  s = train.setup(c)
+  state = train.init_state(s, c.seed)
+  mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), c, async_save=False)
+  mgr.save(0, state, force=True)
+  mgr.close()
+  return c, workdir, s, state.params
+
+
+def _assert_png(path):
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC, path
+  import matplotlib.image
+  img = matplotlib.image.imread(path)
+  assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, img.shape
+  assert np.std(img[..., :3]) > 0.01  # not a blank canvas
+
+
+def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
+  c, ckpt_dir, _, _ = run
+  c = _config(**{"init_from": ckpt_dir})
+  workdir = str(tmp_path)
+  out = ptq.run_ptq(c, workdir, ablate=True)
+
+  row = metrics.read(workdir)[-1]
+  assert row["step"] == 0
+  for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    for label in ("fp", "w8a8"):
+      assert 0.0 <= row[f"ptq/{label}_{k}"] <= 1.0
+  for k in ("outliers/max_inf_norm", "outliers/avg_kurtosis", "outliers/image/max_inf_norm",
+            "outliers/text/avg_kurtosis", "outliers/image/inf_norm/block_0/ffn_out",
+            "outliers/text/kurtosis/block_0/block_out", "ptq/calib_seconds",
+            "ptq/calib_overhead", "ptq/quant_eval_overhead"):
+    assert k in row and np.isfinite(row[k]) and row[k] > 0, k
+  assert row["ptq/calib_batches"] == 2
+  assert row["outliers/max_inf_norm"] == max(row["outliers/image/max_inf_norm"],
+                                             row["outliers/text/max_inf_norm"])
+  # ablation: one entry per point class, each with the table metrics, also in the row
+  names = list(ptq.POINT_CLASSES)
+  assert list(out["ablation"]) == names
+  for n in names:
+    assert set(out["ablation"][n]) >= {"zeroshot_top1", "i2t_r1", "t2i_r1"}
+    assert row[f"ptq/ablate/{n}/i2t_r1"] == out["ablation"][n]["i2t_r1"]
+  # the table and the figures
+  text = capsys.readouterr().out
+  assert "zero-shot top-1" in text and "\nfp " in text and "\nw8a8 " in text
+  assert "w8a8 (attn_probs float)" in text
+  figs = sorted(os.listdir(os.path.join(workdir, "figures")))
+  assert figs == ["attention_image.png", "attention_text.png", "outliers.png"]
+  for f in figs:
+    _assert_png(os.path.join(workdir, "figures", f))
+
+
+@pytest.fixture(scope="module")
+def calibrated(run):
+  """W8A8 model of `run` calibrated on 2 training batches; a third batch is held out."""
+  c, _, s, params = run
+  model = build_model(c, quant=ptq.quant_config(c))
+  batches = ptq.calibration_batches(c, s, 3)
+  stats0 = ptq.init_quant_stats(model, c)
+  stats, times = ptq.calibrate(model, params, stats0, batches[:2])
+  return dict(model=model, batches=batches, stats0=stats0, stats=stats, times=times)
+
+
+def test_init_quant_stats_and_calibration_counts(run, calibrated):
+  c, _, s, _ = run
+  leaves = jax.tree_util.tree_leaves_with_path(calibrated["stats0"])
+  assert leaves and all(float(v) == 0 for _, v in leaves)
+  assert len(calibrated["times"]) == 2
+  stats = calibrated["stats"]
+  assert jax.tree.structure(stats) == jax.tree.structure(calibrated["stats0"])
+
+  def leaves_named(name):
+    return [float(v) for p, v in jax.tree_util.tree_leaves_with_path(stats)
+            if jax.tree_util.keystr(p).endswith(f"['{name}']")]
+
+  assert set(leaves_named("count")) == {2.0}
+  # every range includes 0, and the quantizers saw non-trivial activations
+  assert max(leaves_named("x_min")) <= 0.0 <= min(leaves_named("x_max"))
+  assert max(leaves_named("x_max")) > 0.1
+  with pytest.raises(ValueError, match="calib_batches must be >= 1"):
+    ptq.calibration_batches(c, s, 0)
+
+
+def test_bit_widths_order_the_embedding_error(run, calibrated):
+  """Mean cosine distance between float and quantized embeddings of both towers on a held-out
+  batch, each bit width calibrated on the same batch (one compiled program per width)."""
+  c, _, s, params = run
+  calib, held = calibrated["batches"][0], calibrated["batches"][2]
+  fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2])(params)
+
+  def error(weight_bits, act_bits):
+    model = build_model(c, quant=ptq.quant_config(c, weight_bits=weight_bits, act_bits=act_bits))
+
+    def f(p, st):
+      _, upd = model.apply({"params": p, "quant_stats": st}, calib["image"], calib["tokens"],
+                           mutable=["quant_stats"])
+      return model.apply({"params": p, **upd}, held["image"], held["tokens"])[:2]
+
+    # backend optimisation off: about half the compile time, same arithmetic
+    q = jax.jit(f).lower(params, calibrated["stats0"]).compile(FAST_COMPILE)(
+        params, calibrated["stats0"])
+    return [float(1.0 - jnp.mean(jnp.sum(a * b, -1))) for a, b in zip(fp, q)]
+
+  err = {wa: error(*wa) for wa in ((8, 8), (6, 8), (4, 8), (8, 16))}
+  # Tolerance: W8A8 within 1e-2 of float in cosine distance on both towers (measured ~1e-3).
+  assert max(err[8, 8]) < 1e-2, err
+  for tower in (0, 1):
+    assert err[4, 8][tower] > 3 * err[8, 8][tower], err  # 4-bit weights: clearly worse
+    assert err[6, 8][tower] > err[8, 8][tower], err
+    assert err[8, 16][tower] <= err[8, 8][tower], err  # 16-bit activations: no worse
+
+
+def test_quant_config_labels_and_errors():
+  c = _config(**{"quant.weight_bits": 4, "quant.act_bits": 16})
+  c.quant.ablate = True  # a driver key: QuantConfig never sees it
+  q = ptq.quant_config(c)
+  assert q.enabled and (q.weight_bits, q.act_bits) == (4, 16)
+  assert ptq.bits_label(q) == "w4a16"
+  assert ptq.bits_label(ptq.quant_config(_config())) == "w8a8"
+  assert ptq.bits_label(ptq.quant_config(c, weight_bits=6, act_bits=8)) == "w6a8"
+  with pytest.raises(ValueError, match=r"unknown quantization point class 'softmax'; choose"):
+    ptq.check_point_class("softmax")
+  with pytest.raises(ValueError, match=r"unknown activation point class 'weights'"):
+    ptq.keep_mask(["weights"])
+  np.testing.assert_array_equal(ptq.keep_mask(["embed", "ln_out"]),
+                                [c in ("embed", "ln_out") for c in ptq.ACT_CLASSES])
+  w = ptq.float_weights_config(q)
+  assert w.weight_bits == 16 and w.act_bits == 16 and w.keep_float == q.keep_float + ("weights",)
+  assert ptq.POINT_CLASSES[-1] == "weights" and len(set(ptq.POINT_CLASSES)) == 10
+
+
+def test_keep_mask_selects_one_output_class_exactly():
+  cfg = QuantConfig(enabled=True, act_granularity="per_token", act_bits=4)
+  layer = QDense(8, cfg=cfg)
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  params = layer.init(jax.random.key(1), x)
+  k, b = params["params"]["kernel"], params["params"]["bias"]
+  want = x @ quantize_weight(k, cfg) + b  # quantized weight, float output
+  with nn.intercept_methods(ptq.keep_float_interceptor(ptq.keep_mask(["linear_out"]))):
+    got = layer.apply(params, x)
+  np.testing.assert_array_equal(got, want)
+  quantized = layer.apply(params, x)
+  assert float(jnp.max(jnp.abs(quantized - want))) > 1e-3
+  with nn.intercept_methods(ptq.keep_float_interceptor(ptq.keep_mask(["ln_out", "resid"]))):
+    np.testing.assert_array_equal(layer.apply(params, x), quantized)  # other classes: untouched
+
+
+def test_masked_model_equals_keep_float_model(run, calibrated):
+  """The runtime mask used by the ablation gives the same embeddings as listing the point in
+  QuantConfig.keep_float, and an all-False mask gives the plain quantized model."""
+  c, _, _, params = run
+  model, stats = calibrated["model"], calibrated["stats"]
+  images = np.asarray(calibrated["batches"][2]["image"])
+  enc_masked, _ = ptq.make_masked_encoders(model)
+  enc_plain, _ = ptq.make_quant_encoders(model)
+  kept = build_model(c, quant=dataclasses.replace(
+      model.quant, keep_float=model.quant.keep_float + ("attn_probs",)))
+  enc_kept, _ = ptq.make_quant_encoders(kept)
+  z_none = enc_masked(params, stats, ptq.keep_mask([]), images)
+  z_probs = enc_masked(params, stats, ptq.keep_mask(["attn_probs"]), images)
+  np.testing.assert_allclose(z_none, enc_plain(params, stats, images), atol=1e-6)
+  np.testing.assert_allclose(z_probs, enc_kept(params, stats, images), atol=1e-6)
+  assert float(jnp.max(jnp.abs(z_probs - z_none))) > 1e-4
+
+
+def test_format_table():
+  t = ptq.format_table({"fp": {"zeroshot_top1": 0.5, "i2t_r1": 0.25, "t2i_r1": 0.125},
+                        "w8a8": {"zeroshot_top1": 0.4}}, title="T")
+  lines = t.splitlines()
+  assert lines[0] == "T" and lines[1].split()[0] == "model"
+  assert lines[2].split() == ["fp", "50.0%", "25.0%", "12.5%"]
+  assert lines[3].split() == ["w8a8", "40.0%", "-", "-"]
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_select_heads_finds_the_sink_head():
+  B, H, T = 2, 3, 5
+  uniform = np.full((B, H, T, T), 1.0 / T, np.float32)
+  uniform[:, 2] = 0.0
+  uniform[:, 2, :, 3] = 1.0  # head 2 puts all its mass on key 3 (a no-op head)
+  small = np.ones((B, T, 4), np.float32)
+  layers = {"block_0": {"attn_probs": uniform, "block_out": small},
+            "block_1": {"attn_probs": np.full((B, H, T, T), 1.0 / T, np.float32),
+                        "block_out": 10 * small}}
+  mass, key = figures.sink_scores(uniform)
+  np.testing.assert_allclose(mass, [0.2, 0.2, 1.0], rtol=1e-6)
+  assert key[2] == 3
+  heads = figures.select_heads(layers, {"block_0": 50.0, "block_1": 3.0}, num_layers=1,
+                               heads_per_layer=1)
+  assert heads == [figures.HeadChoice("block_0", 2, 50.0, 1.0, 3)]
+  # without given inf-norms the captured block outputs rank the layers
+  heads = figures.select_heads(layers, None, num_layers=1, heads_per_layer=2)
+  assert [h.layer for h in heads] == ["block_1", "block_1"]
+  assert heads[0].layer_inf_norm == 10.0
+
+
+def test_per_layer_from_metrics_names():
+  m = {"outliers/image/inf_norm/block_0/ffn_out": 2.0,
+       "outliers/image/kurtosis/block_0/ffn_out": 3.0,
+       "outliers/text/inf_norm/encoder/blocks_1/block/block_out": 4.0,  # scan, with prefix
+       "outliers/inf_norm/encoder/block_2/ffn_out": 5.0,  # single model
+       "outliers/max_inf_norm": 9.0, "eval/i2t_r1": 0.5}
+  got = figures.per_layer_from_metrics(m)
+  assert got == {
+      "image": {"inf_norm": {"block_0/ffn_out": 2.0}, "kurtosis": {"block_0/ffn_out": 3.0}},
+      "text": {"inf_norm": {"block_1/block_out": 4.0}, "kurtosis": {}},
+      "": {"inf_norm": {"block_2/ffn_out": 5.0}, "kurtosis": {}},
+  }
+
+
+def _fake_run(root, name, normalizer, gate, scale):
+  d = os.path.join(root, name)
+  os.makedirs(d)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump({"model": {"image": {"attention": {"normalizer": normalizer, "gate": gate}}}}, f)
+  row = {"step": 10, "outliers/max_inf_norm": 3.0 * scale}
+  for tower in ("image", "text"):
+    for i in range(2):
+      for t in ("block_out", "ffn_out"):
+        row[f"outliers/{tower}/inf_norm/block_{i}/{t}"] = scale * (1 + i)
+        row[f"outliers/{tower}/kurtosis/block_{i}/{t}"] = 3.0 + scale * i
+  with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 10, "train/loss": 1.0}) + "\n")
+    f.write(json.dumps(row) + "\n")
+    f.write(json.dumps({"step": 11, "eval/i2t_r1": 0.5}) + "\n")
+  return d
+
+
+def test_compare_outliers_side_by_side(tmp_path):
+  dirs = [_fake_run(tmp_path, "a", "softmax", "none", 10.0),
+          _fake_run(tmp_path, "b", "softmax", "linear", 2.0),
+          _fake_run(tmp_path, "c", "clipped_softmax", "none", 1.0),
+          _fake_run(tmp_path, "d", "clipped_softmax", "none", 1.5)]
+  assert [figures.run_label(d) for d in dirs] == ["softmax", "gated", "clipped_softmax",
+                                                  "clipped_softmax"]
+  row = figures.last_outlier_row(dirs[0])
+  assert row["outliers/max_inf_norm"] == 30.0
+  path = figures.compare_outliers(dirs, str(tmp_path / "cmp.png"), title="normalizers")
+  _assert_png(path)
+  with pytest.raises(ValueError, match="2 names for 4 workdirs"):
+    figures.compare_outliers(dirs, str(tmp_path / "x.png"), names=["a", "b"])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n")
+  with pytest.raises(ValueError, match="no row with per-layer outlier statistics"):
+    figures.compare_outliers([str(empty)], str(tmp_path / "y.png"))
