@@ -5,7 +5,8 @@
 
 Params come from `config.init_from` (a qtx checkpoint directory or a PyTorch CLIP state_dict) or,
 when it is empty, from WORKDIR's own latest checkpoint. One row goes to WORKDIR/metrics.jsonl:
-the `eval/*` metrics of `qtx.evaluate.evaluate` plus the outlier statistics of both towers
+the `eval/*` metrics of the training loop's final evaluation (`qtx.train.evaluate_all`: the eval
+split plus the `eval.zeroshot` tasks) plus the outlier statistics of both towers
 (Bondarenko et al. 2023: inf-norm and kurtosis of every block output and FFN output, per
 sequence, averaged over the eval set):
 
@@ -17,13 +18,14 @@ sequence, averaged over the eval set):
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
 from qtx import checkpoint as ckpt_lib
-from qtx import evaluate, train
+from qtx import train
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP
@@ -59,7 +61,7 @@ def checkpoint_path(config, workdir: str) -> str:
   return os.path.abspath(workdir)
 
 
-def load_params(config, workdir: str, s: Optional[train.Setup] = None):
+def load_params(config, workdir: str, s: train.Setup | None = None):
   """(params, step) of the checkpoint `checkpoint_path` picks, placed with the run's shardings.
 
   step is the checkpoint's training step (0 for a PyTorch state_dict).
@@ -69,7 +71,11 @@ def load_params(config, workdir: str, s: Optional[train.Setup] = None):
   if os.path.isfile(path) and path.endswith(_TORCH_SUFFIXES):
     state = ckpt_lib.init_from(path, s, config.seed)
     return state.params, 0
-  state = ckpt_lib.restore_params(path, s.abstract_state)
+  try:
+    state = ckpt_lib.restore_params(path, s.abstract_state)
+  except ValueError as e:  # orbax: stored shapes differ from this config's model
+    raise ValueError(f"checkpoint {path!r} does not match the model of this config (same "
+                     f"model.* settings as the run that wrote it?): {e}") from e
   return state.params, int(jax.device_get(state.step))
 
 
@@ -83,7 +89,7 @@ def _encoder_tree(intermediates: Mapping[str, Any], tower: str):
   return enc, ()
 
 
-def make_outlier_fn(model: CLIP, tower: str, variables_extra: Optional[dict] = None) -> Callable:
+def make_outlier_fn(model: CLIP, tower: str, variables_extra: dict | None = None) -> Callable:
   """Jitted (params, x) -> {tensor: (inf_norm_B, kurtosis_B)} of one tower's block outputs and
   FFN outputs (tensor names 'block_<i>/block_out', 'block_<i>/ffn_out')."""
   if tower not in TOWERS:
@@ -151,7 +157,7 @@ def _layer_order(name: str):
 
 
 def outlier_metrics(model: CLIP, params, images: np.ndarray, tokens: np.ndarray,
-                    batch_size: int, variables_extra: Optional[dict] = None,
+                    batch_size: int, variables_extra: dict | None = None,
                     prefix: str = "outliers/") -> dict[str, float]:
   """Outlier statistics of both towers over `images` and `tokens` (see the module docstring)."""
   means = {}
@@ -183,7 +189,8 @@ def run_eval(config, workdir: str) -> dict:
   task = pipeline.eval_task(config)
   bs = config.eval.batch_size
   enc_i, enc_t = train.make_encoders(s)
-  metrics = evaluate.evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, bs)
+  # the same evaluators as the end of training (eval/..., and eval/<name>/... per extra task)
+  metrics = train.evaluate_all(enc_i, enc_t, params, task, train.zeroshot_tasks(config), config)
   metrics.update(outlier_metrics(s.model, params, task.images, task.tokens, bs))
   os.makedirs(workdir, exist_ok=True)
   writer = MetricsWriter(workdir)

@@ -5,8 +5,8 @@ import re
 import jax
 import numpy as np
 import pytest
-
 from conftest import micro_config
+
 from qtx import eval_run, metrics, train
 from qtx.nn.clip import CLIP
 
@@ -104,8 +104,8 @@ def test_outlier_metrics_equal_numpy_and_scan(trained):
         want[f"outliers/{tower}/kurtosis/{layer}/{t}"] = np.mean([_np_kurtosis(b) for b in v])
   per_layer = {k: v for k, v in got.items() if "/inf_norm/" in k or "/kurtosis/" in k}
   assert sorted(per_layer) == sorted(want)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=2e-5, err_msg=k)
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=2e-5, err_msg=k)
   np.testing.assert_allclose(got["outliers/max_inf_norm"],
                              max(v for k, v in want.items() if "/inf_norm/" in k), rtol=2e-5)
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import micro_config
+
 from qtx import checkpoint as ckpt_lib
 from qtx import metrics, train
 from qtx.nn.clip import build_model
@@ -22,7 +22,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def _config(**kw):
   c = micro_config(**{"model.image.depth": 1, "model.text.depth": 1, "quant.calib_batches": 2,
-                      "eval.num_samples": 32, "data.eval_size": 32, "eval.batch_size": 32, **kw})
+                      "eval.num_samples": 16, "data.eval_size": 16, "eval.batch_size": 16, **kw})
   return c
 
 
@@ -50,7 +50,7 @@ def _assert_png(path):
 
 def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
   c, ckpt_dir, _, _ = run
-  c = _config(**{"init_from": ckpt_dir})
+  c = _config(init_from=ckpt_dir)
   workdir = str(tmp_path)
   out = ptq.run_ptq(c, workdir, ablate=True)
 
@@ -91,7 +91,7 @@ def calibrated(run):
   batches = ptq.calibration_batches(c, s, 3)
   stats0 = ptq.init_quant_stats(model, c)
   stats, times = ptq.calibrate(model, params, stats0, batches[:2])
-  return dict(model=model, batches=batches, stats0=stats0, stats=stats, times=times)
+  return {"model": model, "batches": batches, "stats0": stats0, "stats": stats, "times": times}
 
 
 def test_init_quant_stats_and_calibration_counts(run, calibrated):
@@ -119,7 +119,8 @@ def test_bit_widths_order_the_embedding_error(run, calibrated):
   batch, each bit width calibrated on the same batch (one compiled program per width)."""
   c, _, s, params = run
   calib, held = calibrated["batches"][0], calibrated["batches"][2]
-  fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2])(params)
+  fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2]).lower(
+      params).compile(FAST_COMPILE)(params)
 
   def error(weight_bits, act_bits):
     model = build_model(c, quant=ptq.quant_config(c, weight_bits=weight_bits, act_bits=act_bits))
@@ -189,10 +190,13 @@ def test_masked_model_equals_keep_float_model(run, calibrated):
   kept = build_model(c, quant=dataclasses.replace(
       model.quant, keep_float=model.quant.keep_float + ("attn_probs",)))
   enc_kept, _ = ptq.make_quant_encoders(kept)
-  z_none = enc_masked(params, stats, ptq.keep_mask([]), images)
-  z_probs = enc_masked(params, stats, ptq.keep_mask(["attn_probs"]), images)
-  np.testing.assert_allclose(z_none, enc_plain(params, stats, images), atol=1e-6)
-  np.testing.assert_allclose(z_probs, enc_kept(params, stats, images), atol=1e-6)
+  none, probs = ptq.keep_mask([]), ptq.keep_mask(["attn_probs"])
+  masked = enc_masked.lower(params, stats, none, images).compile(FAST_COMPILE)
+  z_none, z_probs = masked(params, stats, none, images), masked(params, stats, probs, images)
+  plain = enc_plain.lower(params, stats, images).compile(FAST_COMPILE)
+  np.testing.assert_allclose(z_none, plain(params, stats, images), atol=1e-6)
+  kept = enc_kept.lower(params, stats, images).compile(FAST_COMPILE)
+  np.testing.assert_allclose(z_probs, kept(params, stats, images), atol=1e-6)
   assert float(jnp.max(jnp.abs(z_probs - z_none))) > 1e-4
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,7 +68,7 @@ def canonical_layer(name: str) -> str:
   return "/".join(parts)
 
 
-def plot_run_outliers(metrics: Mapping[str, Any], path: str, title: Optional[str] = None) -> str:
+def plot_run_outliers(metrics: Mapping[str, Any], path: str, title: str | None = None) -> str:
   """Per-layer inf-norm and kurtosis of one run, one bar colour per tower. Returns path."""
   per_layer = {g or "model": v for g, v in per_layer_from_metrics(metrics).items()}
   if not per_layer:
@@ -107,8 +108,8 @@ def run_label(workdir: str) -> str:
     return os.path.basename(os.path.normpath(workdir))
 
 
-def compare_outliers(workdirs: Sequence[str], path: str, names: Optional[Sequence[str]] = None,
-                     title: Optional[str] = None) -> str:
+def compare_outliers(workdirs: Sequence[str], path: str, names: Sequence[str] | None = None,
+                     title: str | None = None) -> str:
   """Per-layer inf-norm and kurtosis of several runs side by side (one colour per run).
 
   Each workdir's last metrics row with per-layer outlier statistics is used; layers are named
@@ -172,7 +173,7 @@ def sink_scores(probs_BxHxTxS: np.ndarray):
 
 
 def select_heads(layers: Mapping[str, Mapping[str, np.ndarray]],
-                 layer_inf_norms: Optional[Mapping[str, float]] = None,
+                 layer_inf_norms: Mapping[str, float] | None = None,
                  num_layers: int = 2, heads_per_layer: int = 2) -> list[HeadChoice]:
   """Heads to draw: the `num_layers` layers with the largest block-output inf-norm, and in each
   the `heads_per_layer` heads with the largest sink mass.
@@ -195,16 +196,16 @@ def select_heads(layers: Mapping[str, Mapping[str, np.ndarray]],
   return out
 
 
-def _patch_grid(num_tokens: int) -> Optional[int]:
+def _patch_grid(num_tokens: int) -> int | None:
   """Side of the patch grid when T = 1 + side^2 (class token + patches), else None."""
-  side = int(round(np.sqrt(num_tokens - 1)))
+  side = round(float(np.sqrt(num_tokens - 1)))
   return side if side * side == num_tokens - 1 else None
 
 
 def plot_attention_maps(layers: Mapping[str, Mapping[str, np.ndarray]],
                         heads: Sequence[HeadChoice], path: str, num_samples: int = 3,
-                        length: Optional[int] = None, patch_grid: bool = False,
-                        title: Optional[str] = None) -> str:
+                        length: int | None = None, patch_grid: bool = False,
+                        title: str | None = None) -> str:
   """One row per chosen head: T x T probability maps of the first `num_samples` samples, and
   (patch_grid) the per-key attention mass over the patch grid. `length` crops the maps to the
   first tokens (text: up to the longest end-of-text). Returns path."""
@@ -220,9 +221,11 @@ def plot_attention_maps(layers: Mapping[str, Mapping[str, np.ndarray]],
   axes = fig.subplots(len(heads), ncols, squeeze=False)
   for r, hc in enumerate(heads):
     p_BxHxTxS = layers[hc.layer]["attn_probs"]
+    # one colour scale per head (long rows spread their mass thinly), shared by its samples
+    vmax = max(float(np.max(p_BxHxTxS[:n, hc.head, :L, :L])), 1e-6)
     for c in range(n):
       ax = axes[r, c]
-      im = ax.imshow(p_BxHxTxS[c, hc.head, :L, :L], cmap="viridis", vmin=0.0, vmax=1.0,
+      im = ax.imshow(p_BxHxTxS[c, hc.head, :L, :L], cmap="viridis", vmin=0.0, vmax=vmax,
                      interpolation="nearest")
       ax.set_title(f"{hc.layer} head {hc.head}, sample {c}", fontsize=7)
       ax.set_xlabel("key", fontsize=6)

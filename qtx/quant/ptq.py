@@ -32,14 +32,15 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtx import evaluate, eval_run, parallel, train
+from qtx import eval_run, evaluate, parallel, train
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP, build_model
@@ -118,24 +119,32 @@ def calibrate(model: CLIP, params, stats, batches: Iterable[Mapping[str, Any]]):
   return stats, times
 
 
-def calibration_batches(config, s: train.Setup, num_batches: Optional[int] = None) -> list:
-  """The first `quant.calib_batches` training batches as global (sharded) arrays."""
+def iter_calibration_batches(config, s: train.Setup, num_batches: int | None = None
+                             ) -> Iterator[dict]:
+  """The first `quant.calib_batches` training batches as global (sharded) arrays, one at a
+  time (host memory holds one batch)."""
   n = int(num_batches if num_batches is not None else config.quant.calib_batches)
   if n < 1:
     raise ValueError(f"quant.calib_batches must be >= 1, got {n}")
   it = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
-  return [parallel.global_batch(next(it), s.mesh, s.rules) for _ in range(n)]
+  for _ in range(n):
+    yield parallel.global_batch(next(it), s.mesh, s.rules)
 
 
-def _float_step_seconds(model: CLIP, params, batches: Sequence[Mapping[str, Any]],
-                        max_batches: int = 4) -> list[float]:
-  """Steady wall time of the float forward (both towers) on the calibration batches."""
+def calibration_batches(config, s: train.Setup, num_batches: int | None = None) -> list:
+  """iter_calibration_batches as a list (for repeated calibrations, e.g. the ablation)."""
+  return list(iter_calibration_batches(config, s, num_batches))
+
+
+def _float_step_seconds(model: CLIP, params, batch: Mapping[str, Any], repeats: int = 3
+                        ) -> list[float]:
+  """Steady wall time of the float forward (both towers) on one calibration batch."""
   fwd = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t)[:2])
-  jax.block_until_ready(fwd(params, batches[0]["image"], batches[0]["tokens"]))  # compile
+  jax.block_until_ready(fwd(params, batch["image"], batch["tokens"]))  # compile
   times = []
-  for b in batches[:max_batches]:
+  for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fwd(params, b["image"], b["tokens"]))
+    jax.block_until_ready(fwd(params, batch["image"], batch["tokens"]))
     times.append(time.perf_counter() - t0)
   return times
 
@@ -152,14 +161,16 @@ def make_quant_encoders(model: CLIP):
   return wrap(CLIP.encode_image), wrap(CLIP.encode_text)
 
 
+def _batch_of(x: np.ndarray, batch_size: int) -> np.ndarray:
+  """The first batch_size rows of x, repeated when x is shorter (the shape evaluate uses)."""
+  reps = -(-batch_size // len(x))
+  return np.concatenate([x] * reps)[:batch_size] if reps > 1 else x[:batch_size]
+
+
 def _warm_up(enc_i, enc_t, task, batch_size):
   """Compile both encoders on the eval batch shape so the timed runs exclude compilation."""
-  bs = batch_size
-  jax.block_until_ready(enc_i(task.images[:bs] if len(task.images) >= bs else np.concatenate(
-      [task.images] * (bs // len(task.images) + 1))[:bs]))
-  tok = task.tokens
-  jax.block_until_ready(enc_t(tok[:bs] if len(tok) >= bs else np.concatenate(
-      [tok] * (bs // len(tok) + 1))[:bs]))
+  jax.block_until_ready(enc_i(_batch_of(task.images, batch_size)))
+  jax.block_until_ready(enc_t(_batch_of(task.tokens, batch_size)))
 
 
 def timed_evaluate(enc_i, enc_t, task, batch_size: int, prefix: str):
@@ -192,7 +203,7 @@ def check_point_class(name: str) -> str:
   return name
 
 
-def act_point_class(module: ActQuant) -> Optional[str]:
+def act_point_class(module: ActQuant) -> str | None:
   """The ablation class of an activation quantizer (None: not in any class)."""
   if module.point == "out":
     if isinstance(module.parent, QDense):
@@ -253,9 +264,9 @@ def float_weights_config(qcfg: QuantConfig) -> QuantConfig:
 
 
 def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
-                  batches: Optional[Sequence[Mapping[str, Any]]] = None,
-                  classes: Optional[Sequence[str]] = None,
-                  batch_size: Optional[int] = None) -> dict[str, dict[str, float]]:
+                  batches: Sequence[Mapping[str, Any]] | None = None,
+                  classes: Sequence[str] | None = None,
+                  batch_size: int | None = None) -> dict[str, dict[str, float]]:
   """Quantized evaluation with one point class at a time kept in float.
 
   Classes: POINT_CLASSES (activation classes ACT_CLASSES, then 'weights'). stats: the calibrated
@@ -285,8 +296,9 @@ def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
     enc_i, enc_t = make_masked_encoders(model)
     for n in act_names:
       keep = keep_mask([n])
-      out[n], _ = timed_evaluate(lambda x: enc_i(params, stats, keep, x),
-                                 lambda x: enc_t(params, stats, keep, x), task, bs, prefix="")
+      out[n], _ = timed_evaluate(lambda x, k=keep: enc_i(params, stats, k, x),
+                                 lambda x, k=keep: enc_t(params, stats, k, x), task, bs,
+                                 prefix="")
   if WEIGHTS in names:
     model = build_model(config, quant=float_weights_config(qcfg))
     st, _ = calibrate(model, params, init_quant_stats(model, config), need_batches(WEIGHTS))
@@ -314,7 +326,7 @@ def _strip(m: Mapping[str, float], prefix: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_ptq(config, workdir: str, ablate: Optional[bool] = None) -> dict:
+def run_ptq(config, workdir: str, ablate: bool | None = None) -> dict:
   """PTQ mode (module docstring); returns the metrics written to WORKDIR/metrics.jsonl (plus
   'ablation': {class: metrics} when the ablation ran).
 
@@ -332,12 +344,22 @@ def run_ptq(config, workdir: str, ablate: Optional[bool] = None) -> dict:
   task = pipeline.eval_task(config)
   bs = config.eval.batch_size
 
-  batches = calibration_batches(config, s)
+  # The ablation calibrates again (float weights), so it keeps the batches; otherwise they
+  # stream through and only the last one is kept, to time the float forward on it.
+  batches = (calibration_batches(config, s) if ablate
+             else iter_calibration_batches(config, s))
+  seen = []
+
+  def keep_last(it):
+    for b in it:
+      seen[:] = [b]
+      yield b
+
   t0 = time.perf_counter()
   stats, calib_times = calibrate(qmodel, params, init_quant_stats(qmodel, config, config.seed),
-                                 batches)
+                                 keep_last(batches))
   calib_seconds = time.perf_counter() - t0
-  fp_times = _float_step_seconds(s.model, params, batches)
+  fp_times = _float_step_seconds(s.model, params, seen[0])
   calib_step = statistics.median(calib_times[1:] or calib_times)
   fp_step = statistics.median(fp_times)
 
@@ -348,7 +370,7 @@ def run_ptq(config, workdir: str, ablate: Optional[bool] = None) -> dict:
 
   metrics: dict[str, Any] = {**fp, **q}
   metrics.update({
-      "ptq/calib_batches": len(batches),
+      "ptq/calib_batches": len(calib_times),
       "ptq/calib_seconds": calib_seconds,
       "ptq/calib_step_seconds": calib_step,
       "ptq/fp_step_seconds": fp_step,
@@ -384,7 +406,7 @@ def run_ptq(config, workdir: str, ablate: Optional[bool] = None) -> dict:
   if jax.process_index() == 0:
     title = (f"qtx ptq: step {step} | {label.upper()} ({qcfg.estimator}, weights "
              f"{qcfg.weight_granularity}, activations {qcfg.act_granularity}, "
-             f"{len(batches)} calibration batches) | eval {len(task.images)} samples")
+             f"{len(calib_times)} calibration batches) | eval {len(task.images)} samples")
     print(format_table(rows, title), flush=True)
     print(f"outliers (float): max inf-norm {metrics['outliers/max_inf_norm']:.2f} "
           f"(image {metrics['outliers/image/max_inf_norm']:.2f}, text "
