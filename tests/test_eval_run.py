@@ -65,6 +65,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ptq.run_ptq(_config(mode="ptq", init_from=missing), str(tmp_path))
 
 
+def test_checkpoint_of_another_model_is_a_clear_error(trained):
+  _, workdir, _ = trained
+  c = _config(mode="eval", **{"model.text.width": 48})
+  with pytest.raises(ValueError, match="does not match the model of this config"):
+    eval_run.load_params(c, workdir)
+
+
 def _np_kurtosis(v):
   v = np.asarray(v, np.float64).ravel()
   d = v - v.mean()

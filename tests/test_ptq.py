@@ -114,6 +114,15 @@ def test_init_quant_stats_and_calibration_counts(run, calibrated):
     ptq.calibration_batches(c, s, 0)
 
 
+def test_per_token_activations_need_no_calibration(run):
+  c, _, s, params = run
+  c = _config(**{"quant.act_granularity": "per_token"})
+  model = build_model(c, quant=ptq.quant_config(c))
+  stats, batches, timing = ptq._calibrate_timed(c, s, model, params, keep_batches=False)
+  assert stats == {} and batches is None
+  assert timing == {"ptq/calib_batches": 0, "ptq/calib_seconds": 0.0}
+
+
 def test_bit_widths_order_the_embedding_error(run, calibrated):
   """Mean cosine distance between float and quantized embeddings of both towers on a held-out
   batch, each bit width calibrated on the same batch (one compiled program per width)."""

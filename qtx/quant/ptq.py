@@ -326,6 +326,58 @@ def _strip(m: Mapping[str, float], prefix: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- driver
 
+def _calibrate_timed(config, s: train.Setup, qmodel: CLIP, params, keep_batches: bool):
+  """(stats, batches kept or None, timing metrics) of the calibration of `qmodel`.
+
+  Without calibrated quantizers (per-token activations) nothing runs and the timing is empty.
+  Otherwise the batches stream through (kept only for keep_batches), and the float forward is
+  timed on the last one: ptq/calib_overhead = calibration step / float forward.
+  """
+  stats = init_quant_stats(qmodel, config, config.seed)
+  if not jax.tree.leaves(stats):
+    return stats, None, {"ptq/calib_batches": 0, "ptq/calib_seconds": 0.0}
+  batches = (calibration_batches(config, s) if keep_batches
+             else iter_calibration_batches(config, s))
+  last = []
+
+  def keep_last(it):
+    for b in it:
+      last[:] = [b]
+      yield b
+
+  t0 = time.perf_counter()
+  stats, times = calibrate(qmodel, params, stats, keep_last(batches))
+  seconds = time.perf_counter() - t0
+  calib_step = statistics.median(times[1:] or times)  # the first step compiles
+  fp_step = statistics.median(_float_step_seconds(s.model, params, last[0]))
+  return stats, (batches if keep_batches else None), {
+      "ptq/calib_batches": len(times), "ptq/calib_seconds": seconds,
+      "ptq/calib_step_seconds": calib_step, "ptq/fp_step_seconds": fp_step,
+      "ptq/calib_overhead": calib_step / fp_step}
+
+
+def _report(step, label, qcfg, rows, metrics, num_samples, figure_paths) -> str:
+  m = metrics
+  title = (f"qtx ptq: step {step} | {label.upper()} ({qcfg.estimator}, weights "
+           f"{qcfg.weight_granularity}, activations {qcfg.act_granularity}, "
+           f"{m['ptq/calib_batches']} calibration batches) | eval {num_samples} samples")
+  lines = [format_table(rows, title)]
+  lines.append(f"outliers (float): max inf-norm {m['outliers/max_inf_norm']:.2f} (image "
+               f"{m['outliers/image/max_inf_norm']:.2f}, text "
+               f"{m['outliers/text/max_inf_norm']:.2f}) | avg kurtosis "
+               f"{m['outliers/avg_kurtosis']:.2f}")
+  if "ptq/calib_overhead" in m:
+    calib = (f"calibration {m['ptq/calib_seconds']:.1f}s ({m['ptq/calib_step_seconds'] * 1e3:.0f} "
+             f"ms/batch, {m['ptq/calib_overhead']:.2f}x float forward)")
+  else:
+    calib = "calibration: none (dynamic per-token ranges)"
+  lines.append(f"timing: {calib} | eval fp {m['ptq/fp_eval_seconds']:.1f}s, {label} "
+               f"{m[f'ptq/{label}_eval_seconds']:.1f}s ({m['ptq/quant_eval_overhead']:.2f}x) | "
+               f"total {m['ptq/total_seconds']:.1f}s")
+  lines += [f"figure: {p}" for p in figure_paths]
+  return "\n".join(lines)
+
+
 def run_ptq(config, workdir: str, ablate: bool | None = None) -> dict:
   """PTQ mode (module docstring); returns the metrics written to WORKDIR/metrics.jsonl (plus
   'ablation': {class: metrics} when the ablation ran).
@@ -344,51 +396,25 @@ def run_ptq(config, workdir: str, ablate: bool | None = None) -> dict:
   task = pipeline.eval_task(config)
   bs = config.eval.batch_size
 
-  # The ablation calibrates again (float weights), so it keeps the batches; otherwise they
-  # stream through and only the last one is kept, to time the float forward on it.
-  batches = (calibration_batches(config, s) if ablate
-             else iter_calibration_batches(config, s))
-  seen = []
-
-  def keep_last(it):
-    for b in it:
-      seen[:] = [b]
-      yield b
-
-  t0 = time.perf_counter()
-  stats, calib_times = calibrate(qmodel, params, init_quant_stats(qmodel, config, config.seed),
-                                 keep_last(batches))
-  calib_seconds = time.perf_counter() - t0
-  fp_times = _float_step_seconds(s.model, params, seen[0])
-  calib_step = statistics.median(calib_times[1:] or calib_times)
-  fp_step = statistics.median(fp_times)
-
+  # The ablation calibrates again (float weights), so it keeps the batches.
+  stats, batches, metrics = _calibrate_timed(config, s, qmodel, params, keep_batches=ablate)
   enc_i, enc_t = train.make_encoders(s)
   fp, fp_sec = timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, bs,
                               prefix="ptq/fp_")
   q, q_sec = quantized_metrics(qmodel, params, stats, task, bs, prefix=f"ptq/{label}_")
-
-  metrics: dict[str, Any] = {**fp, **q}
-  metrics.update({
-      "ptq/calib_batches": len(calib_times),
-      "ptq/calib_seconds": calib_seconds,
-      "ptq/calib_step_seconds": calib_step,
-      "ptq/fp_step_seconds": fp_step,
-      "ptq/calib_overhead": calib_step / fp_step,
-      "ptq/fp_eval_seconds": fp_sec,
-      f"ptq/{label}_eval_seconds": q_sec,
-      "ptq/quant_eval_overhead": q_sec / fp_sec,
-  })
+  metrics.update({**fp, **q, "ptq/fp_eval_seconds": fp_sec, f"ptq/{label}_eval_seconds": q_sec,
+                  "ptq/quant_eval_overhead": q_sec / fp_sec})
   metrics.update(eval_run.outlier_metrics(s.model, params, task.images, task.tokens, bs))
 
   rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
   ablation = None
   if ablate:
+    if batches is None:  # nothing was calibrated; the weights entry still needs batches
+      batches = calibration_batches(config, s)
     ablation = ablate_points(config, params, task, qcfg, stats=stats, batches=batches,
                              batch_size=bs)
     for name, m in ablation.items():
-      for k, v in m.items():
-        metrics[f"ptq/ablate/{name}/{k}"] = v
+      metrics.update({f"ptq/ablate/{name}/{k}": v for k, v in m.items()})
       rows[f"{label} ({name} float)"] = m
 
   figure_paths = []
@@ -404,20 +430,7 @@ def run_ptq(config, workdir: str, ablate: bool | None = None) -> dict:
   finally:
     writer.close()
   if jax.process_index() == 0:
-    title = (f"qtx ptq: step {step} | {label.upper()} ({qcfg.estimator}, weights "
-             f"{qcfg.weight_granularity}, activations {qcfg.act_granularity}, "
-             f"{len(calib_times)} calibration batches) | eval {len(task.images)} samples")
-    print(format_table(rows, title), flush=True)
-    print(f"outliers (float): max inf-norm {metrics['outliers/max_inf_norm']:.2f} "
-          f"(image {metrics['outliers/image/max_inf_norm']:.2f}, text "
-          f"{metrics['outliers/text/max_inf_norm']:.2f}) | avg kurtosis "
-          f"{metrics['outliers/avg_kurtosis']:.2f}", flush=True)
-    print(f"timing: calibration {calib_seconds:.1f}s ({calib_step * 1e3:.0f} ms/batch, "
-          f"{metrics['ptq/calib_overhead']:.2f}x float forward) | eval fp {fp_sec:.1f}s, "
-          f"{label} {q_sec:.1f}s ({metrics['ptq/quant_eval_overhead']:.2f}x) | total "
-          f"{metrics['ptq/total_seconds']:.1f}s", flush=True)
-    for p in figure_paths:
-      print(f"figure: {p}", flush=True)
+    print(_report(step, label, qcfg, rows, metrics, len(task.images), figure_paths), flush=True)
   if ablation is not None:
     metrics["ablation"] = ablation
   return metrics
