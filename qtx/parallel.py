@@ -75,11 +75,28 @@ def mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tu
   return tuple(sizes)
 
 
+def num_slices(devices) -> int:
+  """Number of TPU slices (multi-slice jobs connect slices over the data-centre network)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(shape, devices=None) -> Mesh:
+  """Mesh over `devices` (default all). On multi-slice TPU jobs the 'data' axis spans the
+  slices (DCN) and everything else stays inside a slice (ICI)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = num_slices(devices)
+  if slices > 1:
+    if sizes[0] % slices:
+      raise ValueError(f"multi-slice job with {slices} slices: mesh.shape.data={sizes[0]} must "
+                       f"be a multiple of the number of slices")
+    from jax.experimental import mesh_utils
+    ici = (sizes[0] // slices,) + tuple(sizes[1:])
+    dcn = (slices,) + (1,) * (len(sizes) - 1)
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    return Mesh(arr, MESH_AXES, axis_types=axis_types)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
