@@ -101,3 +101,12 @@ def test_cli_main_job_runs(tmp_path):
   assert rows[-1]["step"] == 4 and "eval/zeroshot_top1" in rows[-1]
   cfg = json.load(open(tmp_path / "config.json"))
   assert cfg["model"]["image"]["attention"]["gate"] == "linear"
+
+
+def test_cli_help_lists_modes_and_fields():
+  r = subprocess.run([sys.executable, "-m", "qtx.main", "--help"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0
+  for word in ("train", "eval", "ptq", "model.{image,text}.attention", "loss.name",
+               "mesh.shape", "quant.*", "--workdir"):
+    assert word in r.stdout, word
