@@ -137,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.calib_batches = 16
   c.quant.keep_float = "head,temperature,gates"
   c.quant.outliers_every_steps = 0  # 0 = off during training
+  c.quant.ablate = False  # ptq mode: also evaluate with one quantizer class at a time in float
   return c
 
 

@@ -33,7 +33,7 @@ WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 # Keys of the `quant` config block that belong to drivers (calibration loop, training loop),
 # not to the quantizers themselves.
-DRIVER_KEYS = ("calib_batches", "outliers_every_steps")
+DRIVER_KEYS = ("calib_batches", "outliers_every_steps", "ablate")
 
 
 @dataclasses.dataclass(frozen=True)
