@@ -170,15 +170,8 @@ def outlier_metrics(model: CLIP, params, images: np.ndarray, tokens: np.ndarray,
 # ----------------------------------------------------------------------------- eval mode
 
 def summary_line(step: int, m: Mapping[str, Any], head: str = "qtx eval") -> str:
-  parts = [f"{head}: step {step}"]
-  for key, label, fmt in (("eval/zeroshot_top1", "zero-shot top-1", "{:.1%}"),
-                          ("eval/i2t_r1", "i2t R@1", "{:.1%}"),
-                          ("eval/t2i_r1", "t2i R@1", "{:.1%}"),
-                          ("outliers/max_inf_norm", "max inf-norm", "{:.2f}"),
-                          ("outliers/avg_kurtosis", "avg kurtosis", "{:.2f}")):
-    if key in m:
-      parts.append(f"{label} {fmt.format(float(m[key]))}")
-  return " | ".join(parts)
+  from qtx import metrics as metrics_lib
+  return metrics_lib.summary_line(head, step, m)
 
 
 def run_eval(config, workdir: str) -> dict:
@@ -192,7 +185,6 @@ def run_eval(config, workdir: str) -> dict:
   # the same evaluators as the end of training (eval/..., and eval/<name>/... per extra task)
   metrics = train.evaluate_all(enc_i, enc_t, params, task, train.zeroshot_tasks(config), config)
   metrics.update(outlier_metrics(s.model, params, task.images, task.tokens, bs))
-  os.makedirs(workdir, exist_ok=True)
   writer = MetricsWriter(workdir)
   try:
     writer.write(step, metrics)

@@ -76,3 +76,21 @@ def read(workdir_or_path: str) -> list[dict]:
   if path.is_dir():
     path = path / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+SUMMARY_FIELDS = (("train/loss", "loss", "{:.4f}"),
+                  ("eval/zeroshot_top1", "zero-shot top-1", "{:.1%}"),
+                  ("eval/i2t_r1", "i2t R@1", "{:.1%}"),
+                  ("eval/t2i_r1", "t2i R@1", "{:.1%}"),
+                  ("outliers/max_inf_norm", "max inf-norm", "{:.2f}"),
+                  ("outliers/avg_kurtosis", "avg kurtosis", "{:.2f}"),
+                  ("train/samples_per_sec_steady", "samples/s", "{:.0f}"))
+
+
+def summary_line(head: str, step: int, m: Mapping[str, Any], fields=SUMMARY_FIELDS) -> str:
+  """'head: step N | label value | ...' for the fields present in m (end-of-run line)."""
+  parts = [f"{head}: step {step}"]
+  for key, label, fmt in fields:
+    if key in m:
+      parts.append(f"{label} {fmt.format(float(m[key]))}")
+  return " | ".join(parts)

@@ -371,12 +371,5 @@ def _check_finite(step, metrics):
 
 
 def _summary(step, m) -> str:
-  parts = [f"qtx: step {step}"]
-  for key, label, fmt in (("train/loss", "loss", "{:.4f}"),
-                          ("eval/zeroshot_top1", "zero-shot top-1", "{:.1%}"),
-                          ("eval/i2t_r1", "i2t R@1", "{:.1%}"),
-                          ("eval/t2i_r1", "t2i R@1", "{:.1%}"),
-                          ("train/samples_per_sec_steady", "samples/s", "{:.0f}")):
-    if key in m:
-      parts.append(f"{label} {fmt.format(float(m[key]))}")
-  return " | ".join(parts)
+  from qtx.metrics import summary_line
+  return summary_line("qtx", step, m)
