@@ -17,6 +17,16 @@ def _config(**kw):
                          **kw})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  """XLA backend optimisations off for this module's many small programs (about half the
+  compile time; training and evaluation compile alike, so equality checks still hold)."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(config, workdir, training's final eval metrics) of a 4-step run."""

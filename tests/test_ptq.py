@@ -17,7 +17,6 @@ from qtx.quant import figures, ptq
 from qtx.quant.layers import QDense, QuantConfig, quantize_weight
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _config(**kw):
@@ -37,6 +36,16 @@ def run(tmp_path_factory):
   mgr.save(0, state, force=True)
   mgr.close()
   return c, workdir, s, state.params
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  """XLA backend optimisations off while this module compiles its many small programs (about
+  half the compile time; the same operations run)."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _assert_png(path):
@@ -128,8 +137,7 @@ def test_bit_widths_order_the_embedding_error(run, calibrated):
   batch, each bit width calibrated on the same batch (one compiled program per width)."""
   c, _, s, params = run
   calib, held = calibrated["batches"][0], calibrated["batches"][2]
-  fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2]).lower(
-      params).compile(FAST_COMPILE)(params)
+  fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2])(params)
 
   def error(weight_bits, act_bits):
     model = build_model(c, quant=ptq.quant_config(c, weight_bits=weight_bits, act_bits=act_bits))
@@ -139,9 +147,7 @@ def test_bit_widths_order_the_embedding_error(run, calibrated):
                            mutable=["quant_stats"])
       return model.apply({"params": p, **upd}, held["image"], held["tokens"])[:2]
 
-    # backend optimisation off: about half the compile time, same arithmetic
-    q = jax.jit(f).lower(params, calibrated["stats0"]).compile(FAST_COMPILE)(
-        params, calibrated["stats0"])
+    q = jax.jit(f)(params, calibrated["stats0"])
     return [float(1.0 - jnp.mean(jnp.sum(a * b, -1))) for a, b in zip(fp, q)]
 
   err = {wa: error(*wa) for wa in ((8, 8), (6, 8), (4, 8), (8, 16))}
@@ -200,12 +206,10 @@ def test_masked_model_equals_keep_float_model(run, calibrated):
       model.quant, keep_float=model.quant.keep_float + ("attn_probs",)))
   enc_kept, _ = ptq.make_quant_encoders(kept)
   none, probs = ptq.keep_mask([]), ptq.keep_mask(["attn_probs"])
-  masked = enc_masked.lower(params, stats, none, images).compile(FAST_COMPILE)
-  z_none, z_probs = masked(params, stats, none, images), masked(params, stats, probs, images)
-  plain = enc_plain.lower(params, stats, images).compile(FAST_COMPILE)
-  np.testing.assert_allclose(z_none, plain(params, stats, images), atol=1e-6)
-  kept = enc_kept.lower(params, stats, images).compile(FAST_COMPILE)
-  np.testing.assert_allclose(z_probs, kept(params, stats, images), atol=1e-6)
+  z_none = enc_masked(params, stats, none, images)
+  z_probs = enc_masked(params, stats, probs, images)
+  np.testing.assert_allclose(z_none, enc_plain(params, stats, images), atol=1e-6)
+  np.testing.assert_allclose(z_probs, enc_kept(params, stats, images), atol=1e-6)
   assert float(jnp.max(jnp.abs(z_probs - z_none))) > 1e-4
 
 
