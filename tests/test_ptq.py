@@ -288,6 +288,7 @@ def test_compare_outliers_side_by_side(tmp_path):
   assert row["outliers/max_inf_norm"] == 30.0
   path = figures.compare_outliers(dirs, str(tmp_path / "cmp.png"), title="normalizers")
   _assert_png(path)
+  _assert_png(figures.main([str(tmp_path / "cli.png"), *dirs[:2], "--names", "vanilla,gated"]))
   with pytest.raises(ValueError, match="2 names for 4 workdirs"):
     figures.compare_outliers(dirs, str(tmp_path / "x.png"), names=["a", "b"])
   empty = tmp_path / "empty"

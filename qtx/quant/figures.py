@@ -279,3 +279,23 @@ def save_ptq_figures(model: CLIP, params, task, metrics: Mapping[str, Any], outd
         length=length, patch_grid=tower == "image",
         title=f"{tower} tower: heads of the layers with the largest block-output inf-norm"))
   return paths
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  """python -m qtx.quant.figures OUT.png WORKDIR [WORKDIR ...] [--names a,b,...]: per-layer
+  inf-norm and kurtosis of several runs side by side (compare_outliers)."""
+  import argparse
+  p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+  p.add_argument("out", help="PNG file to write")
+  p.add_argument("workdirs", nargs="+", help="run folders with metrics.jsonl (eval or ptq rows)")
+  p.add_argument("--names", default=None, help="comma-separated labels, one per workdir")
+  p.add_argument("--title", default=None)
+  args = p.parse_args(argv)
+  names = args.names.split(",") if args.names else None
+  path = compare_outliers(args.workdirs, args.out, names=names, title=args.title)
+  print(path)
+  return path
+
+
+if __name__ == "__main__":
+  main()
