@@ -123,7 +123,7 @@ def quantize_weight(w, cfg: QuantConfig | None, channel_axis: int = -1):
   Range: min-max, or the MSE search when cfg.estimator == 'mse'. Identity when cfg is None or
   disabled. Gradient: straight-through.
   """
-  if not is_active(cfg):
+  if not is_active(cfg) or not cfg.quantizes("weights"):
     return w
   x_min, x_max = est.estimate_range(
       w, cfg.weight_estimator, cfg.weight_granularity, channel_axis,
@@ -242,7 +242,7 @@ class QDense(nn.Module):
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     if self.quantize_output:
-      y = ActQuant(self.cfg, point="out", name="out_quant")(y)
+      y = ActQuant(self.cfg, point="linear_out", name="out_quant")(y)
     return y
 
 
@@ -282,5 +282,5 @@ class QLayerNorm(nn.Module):
     out_dtype = self.dtype or nn.dtypes.canonicalize_dtype(x, dtype=None)
     y = y.astype(out_dtype)
     if self.quantize_output:
-      y = ActQuant(self.cfg, point="out", name="out_quant")(y)
+      y = ActQuant(self.cfg, point="ln_out", name="out_quant")(y)
     return y

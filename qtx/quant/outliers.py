@@ -252,7 +252,12 @@ def model_outliers(model, params, images, tokens, scanned: Sequence[str] = ("blo
     _, state = model.apply({"params": params}, x, method=method, mutable=["intermediates"])
     inter = state["intermediates"]
     inter = inter.get("visual" if tower == "image" else "textual", inter)
-    stats = per_sequence_stats(inter, scanned=scanned, include=TENSORS)
+    inter = inter.get("encoder", inter)
+    if "blocks" in inter:  # nn.scan stacks layers: name them block_<i> like the unrolled model
+      inter, tower_scanned = inter["blocks"], ("block",)
+    else:
+      tower_scanned = tuple(scanned)
+    stats = per_sequence_stats(inter, scanned=tower_scanned, include=TENSORS)
     means = {k: (jnp.mean(i), jnp.mean(c)) for k, (i, c) in stats.items()}
     for k, v in _aggregate(means, jnp).items():
       out[f"{prefix}{tower}/{k}"] = v
