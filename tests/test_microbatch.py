@@ -10,7 +10,8 @@ from qtx import flops, train
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_microbatches_equal_full_batch(loss):
-  c = micro_config("gated", **{"loss.name": loss})
+  c = micro_config("gated", **{"loss.name": loss, "model.image.depth": 1,
+                              "model.text.depth": 1})
   s = train.setup(c)
   state = train.init_state(s, 0)
   rng = np.random.default_rng(0)
