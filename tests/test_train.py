@@ -106,7 +106,8 @@ def test_cli_main_job_runs(tmp_path):
 def test_cli_help_lists_modes_and_fields():
   r = subprocess.run([sys.executable, "-m", "qtx.main", "--help"], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
-  assert r.returncode == 0
+  out = r.stdout + r.stderr  # absl prints the usage and exits with status 1
+  assert r.returncode in (0, 1)
   for word in ("train", "eval", "ptq", "model.{image,text}.attention", "loss.name",
                "mesh.shape", "quant.*", "--workdir"):
-    assert word in r.stdout, word
+    assert word in out, word
