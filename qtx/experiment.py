@@ -80,6 +80,11 @@ def run_one(config_path, normalizer, seed, workdir, overrides) -> dict:
   config.mode = "train"
   train_out = qmain.run(config, workdir)
   train_s = time.perf_counter() - t0
+  if "preempted_at" in train_out:
+    # SIGTERM: the run saved a checkpoint and stopped early; do not record it as finished and
+    # do not start the next run (rerunning the same command resumes it).
+    raise SystemExit(f"{normalizer} seed {seed} was preempted at step "
+                     f"{train_out['preempted_at']}; rerun the same command to resume")
   config.mode = "ptq"
   config.init_from = workdir
   ptq_out = qmain.run(config, os.path.join(workdir, "ptq"))
