@@ -59,7 +59,6 @@ def _loss_and_grads(c, batch):
     ("gated", {"data": 2, "fsdp": 2, "tensor": 2}, "default"),
     ("clipped_softmax", {"data": 8, "fsdp": 1, "tensor": 1}, "replicated"),
     ("softplus", {"data": 1, "fsdp": 8, "tensor": 1}, "default"),
-    ("softmax", {"data": 2, "fsdp": 1, "tensor": 4}, "default"),
 ])
 def test_sharded_loss_and_grads_equal_single_device(preset, shape, rules):
   c1 = micro_config(preset)
