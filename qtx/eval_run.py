@@ -158,11 +158,13 @@ def _layer_order(name: str):
 
 def outlier_metrics(model: CLIP, params, images: np.ndarray, tokens: np.ndarray,
                     batch_size: int, variables_extra: dict | None = None,
-                    prefix: str = "outliers/") -> dict[str, float]:
-  """Outlier statistics of both towers over `images` and `tokens` (see the module docstring)."""
+                    prefix: str = "outliers/", fns: Mapping[str, Callable] | None = None
+                    ) -> dict[str, float]:
+  """Outlier statistics of both towers over `images` and `tokens` (see the module docstring).
+  `fns`: per-tower functions from make_outlier_fn, reused across calls to avoid recompiling."""
   means = {}
   for tower, x in (("image", images), ("text", tokens)):
-    fn = make_outlier_fn(model, tower, variables_extra)
+    fn = fns[tower] if fns else make_outlier_fn(model, tower, variables_extra)
     means[tower] = {k: tuple(v) for k, v in _tower_summary(fn, params, x, batch_size).items()}
   return aggregate_outliers(means, prefix)
 

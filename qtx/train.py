@@ -255,10 +255,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   outliers_every = int(config.quant.outliers_every_steps)
   outlier_fn = None
   if outliers_every > 0 and task is not None:
-    from qtx.quant import outliers as outliers_lib
+    from qtx import eval_run
     n_probe = min(config.eval.batch_size, len(task.images))
     probe = (task.images[:n_probe], task.tokens[:n_probe])
-    outlier_fn = jax.jit(lambda p, im, tk: outliers_lib.model_outliers(s.model, p, im, tk))
+    tower_fns = {t: eval_run.make_outlier_fn(s.model, t) for t in ("image", "text")}
+    outlier_fn = lambda p, im, tk: eval_run.outlier_metrics(s.model, p, im, tk, n_probe,
+                                                            fns=tower_fns)
   step_flops = flops_lib.train_step_flops(config)
   peak = flops_lib.peak_tflops(s.mesh.devices.flat[0])
   n_dev = s.mesh.devices.size

@@ -39,3 +39,15 @@ def test_unknown_activation_is_a_clear_error():
   c.model.image.activation = "relu"
   with pytest.raises(ValueError, match=r"unknown model.image.activation 'relu'"):
     config_lib.validate(c)
+
+
+def test_outliers_logged_during_training(tmp_path):
+  c = micro_config(**{"train.total_steps": 4, "quant.outliers_every_steps": 2})
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in metrics.read(str(tmp_path)) if "outliers/max_inf_norm" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  r = rows[-1]
+  per_layer = [v for k, v in r.items() if k.startswith("outliers/image/inf_norm/block_")]
+  assert len(per_layer) == 4  # 2 layers x (block_out, ffn_out)
+  assert r["outliers/max_inf_norm"] == max(r["outliers/image/max_inf_norm"],
+                                          r["outliers/text/max_inf_norm"])

@@ -235,34 +235,3 @@ def plot_outliers(per_layer: Mapping[str, Mapping[str, Any]], path: str,
   fig.savefig(path, dpi=120)
   return path
 
-
-def model_outliers(model, params, images, tokens, scanned: Sequence[str] = ("blocks",),
-                   prefix: str = "outliers/") -> dict[str, jax.Array]:
-  """Outlier statistics of a CLIP model on one batch, per tower and combined (jittable).
-
-  Keys: '{prefix}max_inf_norm', '{prefix}avg_kurtosis' over both towers' tensors (each block
-  output and FFN output), and '{prefix}image/...', '{prefix}text/...' per tower, including
-  per-layer 'inf_norm/<layer>' and 'kurtosis/<layer>'.
-  """
-  from qtx.nn.clip import CLIP
-  out = {}
-  per_tensor = {}
-  for tower, method, x in (("image", CLIP.encode_image, images), ("text", CLIP.encode_text,
-                                                                   tokens)):
-    _, state = model.apply({"params": params}, x, method=method, mutable=["intermediates"])
-    inter = state["intermediates"]
-    inter = inter.get("visual" if tower == "image" else "textual", inter)
-    inter = inter.get("encoder", inter)
-    if "blocks" in inter:  # nn.scan stacks layers: name them block_<i> like the unrolled model
-      inter, tower_scanned = inter["blocks"], ("block",)
-    else:
-      tower_scanned = tuple(scanned)
-    stats = per_sequence_stats(inter, scanned=tower_scanned, include=TENSORS)
-    means = {k: (jnp.mean(i), jnp.mean(c)) for k, (i, c) in stats.items()}
-    for k, v in _aggregate(means, jnp).items():
-      out[f"{prefix}{tower}/{k}"] = v
-    per_tensor.update({f"{tower}/{k}": v for k, v in means.items()})
-  combined = _aggregate(per_tensor, jnp)
-  out[f"{prefix}max_inf_norm"] = combined["max_inf_norm"]
-  out[f"{prefix}avg_kurtosis"] = combined["avg_kurtosis"]
-  return out
