@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.prefetch = 2
   c.data.eval_size = 1024
+  # synthetic only: probability that a training caption leaves out the size, and independently
+  # the position (eval captions always name all four attributes)
+  c.data.omit_prob = 0.5
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256
@@ -230,6 +233,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if img.image_size % img.patch_size:
     raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
                      f"patch_size {img.patch_size}")
+  if not 0.0 <= c.data.omit_prob <= 1.0:
+    raise ValueError(f"data.omit_prob must be in [0, 1], got {c.data.omit_prob}")
   if c.data.image_size != img.image_size:
     raise ValueError(f"data.image_size {c.data.image_size} != model.image.image_size "
                      f"{img.image_size}")

@@ -87,6 +87,54 @@ def test_caption_templates_vary():
   assert syn.caption(attrs, template=3) == "In the top left corner, a small red circle."
 
 
+@pytest.mark.parametrize("omit", [("size",), ("position",), ("size", "position")])
+def test_captions_can_leave_out_size_and_position(omit):
+  rng = np.random.default_rng(2)
+  for _ in range(20):
+    attrs = syn.sample_attributes(rng)
+    kept = {k: v for k, v in attrs.items() if k not in omit}
+    for t in range(len(syn.CAPTION_TEMPLATES)):
+      text = syn.caption(attrs, rng, template=t, omit=omit)
+      assert "[" not in text and "  " not in text and ", ," not in text and " ." not in text
+      assert not text.startswith(",") and text.endswith("."), text
+      assert syn.parse_caption(text, partial=True) == kept, text
+      if "size" in omit:
+        assert not set(re.findall(r"[a-z]+", text.lower())) & set(syn.SIZES), text
+  attrs = {"color": "orange", "shape": "circle", "size": "small", "position": "top left"}
+  assert syn.caption(attrs, template=3, omit=("position",)) == "a small orange circle."
+  assert syn.caption(attrs, template=10, omit=("size",)) == (
+      "the circle is orange, in the top left corner.")
+  assert syn.caption(attrs, template=5, omit=omit) == {
+      ("size",): "an orange circle, in the top left corner.",
+      ("position",): "an orange circle, small.",
+      ("size", "position"): "an orange circle."}[omit]
+  with pytest.raises(ValueError, match=omit[0]):
+    syn.parse_caption(syn.caption(attrs, omit=omit))  # strict parsing needs all four
+  with pytest.raises(ValueError, match="omit"):
+    syn.caption(attrs, omit=("color",))
+
+
+def test_train_captions_leave_out_attributes_at_omit_prob_and_eval_captions_never():
+  n = 1200
+  train = syn.SyntheticShapes("train", seed=5)
+  counts = {"size": 0, "position": 0}
+  for idx in range(n):
+    parsed = syn.parse_caption(train[idx]["caption"], partial=True)
+    attrs = train.attributes(idx)
+    assert all(attrs[k] == v for k, v in parsed.items())
+    for k in counts:
+      counts[k] += k not in parsed
+  for k, c in counts.items():  # binomial(1200, 0.5): std 17
+    assert abs(c - n * syn.TRAIN_OMIT_PROB) < 80, (k, c)
+  full = syn.SyntheticShapes("train", seed=5, omit_prob=0.0)
+  for idx in range(50):  # the images do not depend on omit_prob
+    np.testing.assert_array_equal(full[idx]["image"], train[idx]["image"])
+    assert syn.parse_caption(full[idx]["caption"]) == full.attributes(idx)
+  assert syn.SyntheticShapes("eval").omit_prob == 0.0
+  with pytest.raises(ValueError, match="omit_prob"):
+    syn.SyntheticShapes("train", omit_prob=1.5)
+
+
 def test_hard_negatives_differ_in_exactly_one_attribute():
   attrs = {"color": "blue", "shape": "ring", "size": "large", "position": "center"}
   variants = syn.one_attribute_variants(attrs)

@@ -29,7 +29,8 @@ def _synthetic(config, split):
   from qtx.data import synthetic
   src = synthetic.SyntheticShapes(split=split, image_size=config.data.image_size,
                                   seed=config.seed,
-                                  size=config.data.eval_size if split == "eval" else None)
+                                  size=config.data.eval_size if split == "eval" else None,
+                                  omit_prob=config.data.omit_prob if split == "train" else 0.0)
   src.class_names = tuple(synthetic.CLASS_NAMES)
   src.templates = tuple(synthetic.TEMPLATES)
   src.prompts = synthetic.zeroshot_prompts()  # with the right article ("an orange circle")

@@ -7,9 +7,12 @@ seeded generator, so the dataset needs no download and is unlimited:
   (`POSITIONS`), each drawn uniformly at random, with a small random jitter of the position and
   size inside its cell, a background grey from a small dark/light palette (sometimes a soft
   gradient) and a little per-pixel noise.
-- The caption names all four attributes (colour, shape, size, position) in one of
-  `len(CAPTION_TEMPLATES)` sentence templates, so two captions that differ in one attribute are
-  always distinguishable (`parse_caption` recovers the attributes from any caption).
+- The caption names the attributes (colour, shape, size, position) in one of
+  `len(CAPTION_TEMPLATES)` sentence templates. Eval captions name all four, so two captions that
+  differ in one attribute are always distinguishable (`parse_caption` recovers the attributes
+  from any caption). Training captions leave out the size, and independently the position, with
+  probability `omit_prob` each (default TRAIN_OMIT_PROB = 0.5): real captions vary in how much
+  they say, and the short ones speak the zero-shot prompts' language ("a red circle.").
 - The zero-shot classification task is colour + shape: `len(CLASS_NAMES)` = 42 classes such as
   "red circle", prompted with `TEMPLATES` (see `zeroshot_prompts`). Chance level is
   1/42 = 2.38% top-1. Size and position are only in the captions; they make image<->text
@@ -74,20 +77,28 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "near the bottom"),
     "bottom right": ("in the bottom right corner", "at the bottom right"),
 }
+# Caption templates. A part in [brackets] is left out, brackets and all, when the caption does
+# not mention the attribute inside it (size and position are optional in training captions).
 CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {size} {color} {shape} {loc}.",
-    "a photo of a {size} {color} {shape} {loc}.",
-    "there is a {size} {color} {shape} {loc}.",
-    "{Loc}, a {size} {color} {shape}.",
-    "an image of a {size} {color} {shape} {loc}.",
-    "a {color} {shape}, {size}, {loc}.",
-    "a {size} {shape} colored {color}, {loc}.",
-    "one {size} {color} {shape} {loc} on a plain background.",
-    "a simple drawing of a {size} {color} {shape} {loc}.",
-    "{size} {color} {shape}, {loc}.",
-    "the {shape} is {color} and {size}, {loc}.",
-    "a picture showing a {size} {color} {shape} {loc}.",
+    "a[ {size}] {color} {shape}[ {loc}].",
+    "a photo of a[ {size}] {color} {shape}[ {loc}].",
+    "there is a[ {size}] {color} {shape}[ {loc}].",
+    "[{Loc}, ]a[ {size}] {color} {shape}.",
+    "an image of a[ {size}] {color} {shape}[ {loc}].",
+    "a {color} {shape}[, {size}][, {loc}].",
+    "a[ {size}] {shape} colored {color}[, {loc}].",
+    "one[ {size}] {color} {shape}[ {loc}] on a plain background.",
+    "a simple drawing of a[ {size}] {color} {shape}[ {loc}].",
+    "[{size} ]{color} {shape}[, {loc}].",
+    "the {shape} is {color}[ and {size}][, {loc}].",
+    "a picture showing a[ {size}] {color} {shape}[ {loc}].",
 )
+# Attributes a caption may leave out, and the probability that a training caption leaves out
+# each of them (independently). Real captions vary in how much they say; captions that name
+# only colour and shape also teach the text tower the zero-shot prompts' wording
+# ("a photo of a red circle."). Eval captions always name all four attributes.
+OPTIONAL_ATTRIBUTES = ("size", "position")
+TRAIN_OMIT_PROB = 0.5
 
 CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
 TEMPLATES: list[str] = [
@@ -150,35 +161,49 @@ def _with_articles(text: str) -> str:
 
 
 def caption(attrs: dict, rng: np.random.Generator | None = None,
-            template: int | None = None) -> str:
+            template: int | None = None, omit: tuple[str, ...] = ()) -> str:
   """One caption naming the colour, shape, size and position of `attrs`.
 
   The template (and the wording of the location) is drawn from `rng`; `template` picks a fixed
   template index instead. With neither, template 0 and the first location wording are used.
+  `omit` lists attributes of OPTIONAL_ATTRIBUTES ('size', 'position') the caption leaves out.
   """
   check_attributes(attrs)
   num = len(CAPTION_TEMPLATES)
   if template is not None and not (isinstance(template, (int, np.integer)) and 0 <= template < num):
     raise ValueError(f"template must be an int in [0, {num}); got {template!r}")
+  bad = [a for a in omit if a not in OPTIONAL_ATTRIBUTES]
+  if bad or isinstance(omit, str):
+    raise ValueError(f"omit={omit!r}: only {OPTIONAL_ATTRIBUTES} can be left out of a caption")
   locs = _LOCATIONS[attrs["position"]]
   if template is None:
     template = 0 if rng is None else int(rng.integers(num))
   loc = locs[0] if rng is None else locs[int(rng.integers(len(locs)))]
-  text = CAPTION_TEMPLATES[template].format(
-      size=attrs["size"], color=attrs["color"], shape=attrs["shape"], loc=loc,
-      Loc=loc[0].upper() + loc[1:])
+  dropped = {"size"} if "size" in omit else set()
+  dropped |= {"loc", "Loc"} if "position" in omit else set()
+
+  def optional(m: re.Match) -> str:
+    return "" if set(re.findall(r"\{(\w+)\}", m.group(1))) & dropped else m.group(1)
+
+  text = re.sub(r"\[([^\]]*)\]", optional, CAPTION_TEMPLATES[template])
+  text = text.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"], loc=loc,
+                     Loc=loc[0].upper() + loc[1:])
   return _with_articles(text)
 
 
-def parse_caption(text: str) -> dict[str, str]:
+def parse_caption(text: str, partial: bool = False) -> dict[str, str]:
   """Recovers the attributes named in a caption (the inverse of `caption`).
 
-  Raises ValueError if the caption does not name exactly one value of each attribute.
+  Raises ValueError if the caption does not name exactly one value of each attribute. With
+  `partial=True`, size and position may be absent (captions made with `omit`); the result then
+  holds only the attributes the caption names.
   """
   words = re.findall(r"[a-z]+", text.lower())
   attrs = {}
   for name in ("color", "shape", "size"):
     found = [w for w in words if w in _VALUES[name]]
+    if not found and partial and name in OPTIONAL_ATTRIBUTES:
+      continue
     if len(set(found)) != 1:
       raise ValueError(f"caption {text!r} names {name} values {found}; expected exactly one")
     attrs[name] = found[0]
@@ -189,6 +214,8 @@ def parse_caption(text: str) -> dict[str, str]:
   position = " ".join(sorted(vertical) + sorted(horizontal))
   if not position:
     if "center" not in words:
+      if partial:
+        return attrs
       raise ValueError(f"caption {text!r} names no position; expected one of {tuple(POSITIONS)}")
     position = "center"
   attrs["position"] = position
@@ -337,10 +364,12 @@ class SyntheticShapes:
 
   split: 'train' (TRAIN_SIZE = 2**31 - 1 samples unless `size` is given) or 'eval' (`size`
   samples, default 1000). Record `idx` is a pure function of (seed, split, idx).
+  omit_prob: probability that a caption leaves out its size, and independently its position
+  (default TRAIN_OMIT_PROB for 'train', 0 for 'eval'); images do not depend on it.
   """
 
   def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
-               size: int | None = None):
+               size: int | None = None, omit_prob: float | None = None):
     self.split_id = _check_split(split)
     self.split = split
     self.image_size = check_image_size(image_size)
@@ -352,13 +381,19 @@ class SyntheticShapes:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= TRAIN_SIZE:
       raise ValueError(f"size must be an int in [1, {TRAIN_SIZE}]; got {size!r}")
     self.size = int(size)
+    if omit_prob is None:
+      omit_prob = TRAIN_OMIT_PROB if split == "train" else 0.0
+    if isinstance(omit_prob, bool) or not isinstance(omit_prob, (int, float)) or not (
+        0.0 <= omit_prob <= 1.0):
+      raise ValueError(f"omit_prob must be a number in [0, 1]; got {omit_prob!r}")
+    self.omit_prob = float(omit_prob)
 
   def __len__(self) -> int:
     return self.size
 
   def __repr__(self) -> str:
     return (f"SyntheticShapes(split={self.split!r}, image_size={self.image_size}, "
-            f"seed={self.seed}, size={self.size})")
+            f"seed={self.seed}, size={self.size}, omit_prob={self.omit_prob})")
 
   def rng(self, idx: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, self.split_id, idx])
@@ -378,7 +413,11 @@ class SyntheticShapes:
     rng = self.rng(self._check_index(idx))
     attrs = sample_attributes(rng)
     image = render(attrs, self.image_size, rng)
-    return {"image": image, "caption": caption(attrs, rng), "label": np.int32(label_of(attrs))}
+    omit = ()
+    if self.omit_prob > 0.0:  # no draws at 0, so eval captions do not depend on this option
+      omit = tuple(a for a in OPTIONAL_ATTRIBUTES if rng.uniform() < self.omit_prob)
+    text = caption(attrs, rng, omit=omit)
+    return {"image": image, "caption": text, "label": np.int32(label_of(attrs))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +431,10 @@ def describe() -> str:
       f"procedurally generated and seeded (no download, unlimited train split, held-out eval "
       f"split). {len(COLORS)} colours ({', '.join(COLORS)}), {len(SHAPES)} shapes "
       f"({', '.join(SHAPES)}), {len(SIZES)} sizes ({', '.join(SIZES)}) and {len(POSITIONS)} "
-      f"positions on a 3x3 grid; captions name all four attributes in "
-      f"{len(CAPTION_TEMPLATES)} templates. Zero-shot classification: {NUM_CLASSES} colour+shape "
+      f"positions on a 3x3 grid; captions name colour and shape, and size and position "
+      f"(each left out of training captions with probability {TRAIN_OMIT_PROB}), in "
+      f"{len(CAPTION_TEMPLATES)} templates; eval captions name all four. "
+      f"Zero-shot classification: {NUM_CLASSES} colour+shape "
       f"classes prompted with {len(TEMPLATES)} templates, chance level 1/{NUM_CLASSES} = "
       f"{100 * CHANCE_TOP1:.2f}% top-1.")
 
