@@ -37,6 +37,7 @@ EXTRA = (
     ("train/samples_per_sec_steady", "train samples/s", 1.0),
     ("train_seconds", "train wall s", 1.0),
     ("ptq/total_seconds", "PTQ wall s", 1.0),
+    ("peak_rss_gib", "peak RSS GiB", 1.0),
 )
 
 
@@ -90,7 +91,9 @@ def run_one(config_path, normalizer, seed, workdir, overrides) -> dict:
   ptq_out = qmain.run(config, os.path.join(workdir, "ptq"))
   result = {**{k: v for k, v in train_out.items() if isinstance(v, (int, float))},
             **{k: v for k, v in ptq_out.items() if isinstance(v, (int, float))},
-            "train_seconds": train_s}
+            "train_seconds": train_s,
+            # peak resident memory of this process so far (it ran every earlier run too)
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
   with open(done, "w") as f:
     json.dump(result, f, indent=1)
   return result
@@ -138,7 +141,6 @@ def main():
     for name in names:
       wd = os.path.join(args.workdir, name, f"seed{seed}")
       r = run_one(args.config, name, seed, wd, args.set)
-      r["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
       results[name].append(r)
       print(f"{name} seed {seed}: " + ", ".join(
           f"{k}={r[k]:.4g}" for k, *_ in COLUMNS + EXTRA if k in r), flush=True)
