@@ -78,3 +78,15 @@ def test_encode_batched_pads_last_batch_and_keeps_order():
   out = evaluate.encode_batched(fn, x, 4)
   np.testing.assert_array_equal(out, x * 2)
   assert calls == [4, 4, 4]
+
+
+def test_caption_omission_reaches_the_train_source_only():
+  c = micro_config()
+  assert c.data.omit_prob == 0.5
+  c.data.omit_prob = 0.25
+  assert pipeline.make_source(c, "train").omit_prob == 0.25
+  assert pipeline.make_source(c, "eval").omit_prob == 0.0  # eval captions name all attributes
+  c.data.omit_prob = 1.5
+  from qtx import config_lib
+  with pytest.raises(ValueError, match="omit_prob"):
+    config_lib.validate(c)
