@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from qtx.data import synthetic
+
 NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus")
 
 
@@ -96,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_size = 1024
   # synthetic only: probability that a training caption leaves out the size, and independently
   # the position (eval captions always name all four attributes)
-  c.data.omit_prob = 0.5
+  c.data.omit_prob = synthetic.TRAIN_OMIT_PROB
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256

@@ -55,9 +55,9 @@ def main(workdir: str) -> None:
   prompts = [syn.caption({"color": c, "shape": sh, "size": sz, "position": pos}, template=t)
              for c in syn.COLORS for sh in syn.SHAPES for sz in syn.SIZES
              for pos in syn.POSITIONS for t in range(len(syn.CAPTION_TEMPLATES))]
-  zp = evaluate.encode_batched(text, tok.tokenize(prompts, ctx).astype(np.int32), 1000)
-  ce = zp.reshape(len(syn.CLASS_NAMES), -1, zp.shape[-1]).mean(1)
-  ce /= np.linalg.norm(ce, axis=-1, keepdims=True)
+  prompt_tokens = tok.tokenize(prompts, ctx).astype(np.int32).reshape(
+      len(syn.CLASS_NAMES), -1, ctx)
+  ce = evaluate.class_embeddings(text, prompt_tokens, 1000)
   print(f"  attribute-ensemble zero-shot top-1: {np.mean(np.argmax(zi @ ce.T, -1) == lab):.3f}")
 
 
