@@ -141,6 +141,18 @@ class SoftplusTest(chex.TestCase):
       assert np.all(np.asarray(y)[:, ~where] == 0.0)
     np.testing.assert_allclose(y[:, 0, 0], 1.0)  # first causal row: O = 0, kept
 
+  def test_p1_shortcut_matches_log_domain_values_and_grads(self):
+    # p = 1 skips the log/exp; a p just above 1 takes the log-domain path
+    x = jax.random.normal(jax.random.key(10), (3, 9, 9)) * 3
+    where = np.tril(np.ones((9, 9), bool))
+    x = x.at[0, 4].set(0.0)  # an exactly uniform row: all zeros in both paths
+    f = lambda p: lambda x: N.softplus_reweight(x, where=where, p=p)
+    np.testing.assert_allclose(f(1.0)(x), f(1.0 + 1e-7)(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(f(1.0)(x))[0, 4], 0.0)
+    loss = lambda p: lambda x: jnp.sum(f(p)(x) * jnp.arange(9.0))
+    np.testing.assert_allclose(jax.grad(loss(1.0))(x), jax.grad(loss(1.0 + 1e-7))(x),
+                               rtol=1e-4, atol=1e-6)
+
   def test_large_p_is_finite_and_sharp(self):
     x = jax.random.normal(jax.random.key(9), (4, 64)) * 5
     y = N.softplus_reweight(x, p=60.0)

@@ -79,6 +79,23 @@ def test_unknown_normalizer_and_bad_values_are_clear_errors():
     config_lib.validate(c)
   with pytest.raises(ValueError, match="unknown normalizer preset"):
     config_lib.tiny_config("relu")
+  c = micro_config(**{"train.end_lr_fraction": 1.5})
+  with pytest.raises(ValueError, match=r"train.end_lr_fraction must be in \[0, 1\], got 1.5"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("end_fraction", [0.0, 0.3, 1.0])
+def test_lr_schedule_warmup_cosine_and_floor(end_fraction):
+  c = micro_config(**{"train.lr": 2e-3, "train.warmup_steps": 10, "train.total_steps": 110,
+                      "train.end_lr_fraction": end_fraction})
+  sched = train.lr_schedule(c)
+  np.testing.assert_allclose([float(sched(i)) for i in (0, 5, 10)], [0.0, 1e-3, 2e-3], rtol=1e-6)
+  floor = 2e-3 * end_fraction
+  # half way through the cosine the rate is the mean of peak and floor; it ends at the floor
+  np.testing.assert_allclose(float(sched(60)), (2e-3 + floor) / 2, rtol=1e-5)
+  np.testing.assert_allclose([float(sched(110)), float(sched(500))], [floor, floor], atol=1e-9)
+  lrs = np.array([float(sched(i)) for i in range(10, 111)])
+  assert np.all(np.diff(lrs) <= 1e-12)  # never increases after the warmup
 
 
 def test_cli_unknown_config_key_is_an_error(tmp_path):

@@ -100,6 +100,10 @@ def softplus_reweight(x: Array, axis: int = -1, where: Optional[Array] = None,
   pos = r > 0
   if where is not None:
     pos = pos & where
+  if p == 1.0:  # B = relu(r) / sum relu(r): the same values without the log/exp round trip
+    b = jnp.where(pos, r, 0.0)
+    tot = jnp.sum(b, axis=axis, keepdims=True)
+    return (b / jnp.where(tot > 0, tot, 1.0)).astype(dtype)
   log_b = jnp.where(pos, p * jnp.log(jnp.where(pos, r, 1.0)), -jnp.inf)
   return softmax(log_b, axis=axis, where=pos).astype(dtype)
 
