@@ -1,0 +1,30 @@
+"""Analysis scripts under scripts/: the parts that compute, on small data."""
+import importlib.util
+import os
+
+import numpy as np
+
+from qtx.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_background_patches_match_the_rendered_shape():
+  locate = _load("outlier_locate")
+  src = synthetic.SyntheticShapes("eval", image_size=32, seed=3, size=40)
+  bg = locate.background_patches(src, 40, patch=4)  # 40 x 64
+  assert bg.shape == (40, 64) and 0 < bg.mean() < 1
+  for i in range(40):
+    rng = src.rng(i)
+    image = synthetic.render(synthetic.sample_attributes(rng), 32, rng, noise=0)
+    # without noise a pixel is grey (R = G = B) exactly when it is background (no grey colours)
+    grey = (image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2])
+    patch_grey = grey.reshape(8, 4, 8, 4).all(axis=(1, 3)).reshape(-1)
+    np.testing.assert_array_equal(bg[i], patch_grey)
