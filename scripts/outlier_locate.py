@@ -89,8 +89,7 @@ def main(spec: str, n: int = 250) -> None:
           f"{np.mean(~patch):.0%} on the class token, {share_ch:.0%} in channel {top_ch} | "
           f"channel {top_ch} mean |x|: background {c[:, 1:][bg].mean():.2f}, "
           f"shape {c[:, 1:][~bg].mean():.2f}, class {c[:, 0].mean():.2f}")
-  probs = {k: v for k, v in outliers.flatten_intermediates(tree, scanned=scanned).items()
-           if k.endswith("attn_probs")}
+  probs = {k: v for k, v in flat.items() if k.endswith("attn_probs")}
   for name in sorted(probs):
     p = np.asarray(probs[name], np.float32)  # n x H x Tq x Tk
     mass_bg = (p[:, :, :, 1:] * bg[:, None, None, :]).sum(-1)  # n x H x Tq
