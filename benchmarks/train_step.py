@@ -3,11 +3,14 @@
   python -m benchmarks.train_step --config configs/clip_tiny.py --batch 128 --steps 20
   python -m benchmarks.train_step --config configs/clip_b16.py --batch 256 --dtype bfloat16 \
       --remat dots --scan
+  python -m benchmarks.train_step --config configs/clip_tiny.py:softplus --steps 30 \
+      --set model.image.attention.softplus_p=1.0000001 --set model.text.attention.softplus_p=1.0000001
 
 Prints steps/s, samples/s, model TFLOP/s per device (analytic FLOPs, and XLA's count of the
 compiled step), MFU against the device's peak (none on CPU), and memory per device. The
 baseline row is the same config with impl='xla' float32, measured in the same process, so
-every other row reads as a ratio to it.
+every other row reads as a ratio to it. `--set KEY=VALUE` (repeatable) changes the measured row
+only, so a config option can be compared against the config as it is.
 """
 from __future__ import annotations
 
@@ -81,10 +84,15 @@ def main():
   p.add_argument("--impl", default="xla", choices=["xla", "pallas"])
   p.add_argument("--mesh", default=None, help="e.g. 1,-1,1 for (data, fsdp, tensor)")
   p.add_argument("--no-baseline", action="store_true")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override for the measured row (not the baseline)")
   args = p.parse_args()
 
-  def make(dtype, remat, scan, impl):
+  def make(dtype, remat, scan, impl, overrides=()):
+    from qtx import experiment
     c = load_config(args.config)
+    for o in overrides:
+      experiment._set(c, o)
     if args.batch:
       c.train.batch_size = args.batch
     if args.mesh:
@@ -100,8 +108,9 @@ def main():
   rows = []
   if not args.no_baseline:
     rows.append(("baseline f32 xla", measure(make("float32", "none", False, "xla"), args.steps)))
-  rows.append((f"{args.dtype} remat={args.remat} scan={args.scan} {args.impl}",
-               measure(make(args.dtype, args.remat, args.scan, args.impl), args.steps)))
+  rows.append((f"{args.dtype} remat={args.remat} scan={args.scan} {args.impl}"
+               + "".join(f" {o}" for o in args.set),
+               measure(make(args.dtype, args.remat, args.scan, args.impl, args.set), args.steps)))
   base = rows[0][1]["step_s"]
   fmt = lambda v, f: "-" if v is None else f.format(v)
   print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
