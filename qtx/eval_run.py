@@ -17,11 +17,13 @@ sequence, averaged over the eval set):
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from qtx import checkpoint as ckpt_lib
@@ -77,6 +79,21 @@ def load_params(config, workdir: str, s: train.Setup | None = None):
     raise ValueError(f"checkpoint {path!r} does not match the model of this config (same "
                      f"model.* settings as the run that wrote it?): {e}") from e
   return state.params, int(jax.device_get(state.step))
+
+
+def load_run(workdir: str, step: int | str | None = None):
+  """(config, setup, params, step) of a run `qtx.main` wrote: WORKDIR/config.json and the
+  checkpoint of training step `step` (the latest when None)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path!r} does not exist: {workdir!r} is not a qtx.main workdir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if step is not None:
+    config.init_from = os.path.join(workdir, "checkpoints", str(step))
+  s = train.setup(config)
+  params, at = load_params(config, workdir, s)
+  return config, s, params, at
 
 
 # ----------------------------------------------------------------------------- outliers

@@ -7,11 +7,9 @@ median, on the first 64 eval samples.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
 
@@ -19,14 +17,11 @@ def main(workdir: str, n: int = 64) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from qtx import eval_run, train
+  from qtx import eval_run
   from qtx.data import pipeline
   from qtx.nn.clip import CLIP
 
-  with open(f"{workdir}/config.json") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  s = train.setup(cfg)
-  params, step = eval_run.load_params(cfg, workdir, s)
+  cfg, s, params, step = eval_run.load_run(workdir)
   task = pipeline.eval_task(cfg, n)
   print(f"{workdir} (step {step})")
   for tower, x, method in (("image", task.images, CLIP.encode_image),

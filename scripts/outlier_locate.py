@@ -18,12 +18,9 @@ WORKDIR@STEP reads checkpoint STEP of WORKDIR instead of its latest one.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
 TOP_FRACTION = 1e-3
@@ -47,21 +44,16 @@ def main(spec: str, n: int = 250) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from qtx import eval_run, train
+  from qtx import eval_run
   from qtx.data import pipeline
   from qtx.nn.clip import CLIP
   from qtx.quant import outliers
 
   workdir, _, step = spec.partition("@")
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg, s, params, at = eval_run.load_run(workdir, step or None)
   if cfg.data.name != "synthetic":
     raise ValueError(f"{workdir}: needs a run on the embedded synthetic data, got "
                      f"data.name={cfg.data.name!r}")
-  if step:
-    cfg.init_from = os.path.join(workdir, "checkpoints", step)
-  s = train.setup(cfg)
-  params, at = eval_run.load_params(cfg, workdir, s)
   src = pipeline.make_source(cfg, "eval")
   n = min(n, len(src))
   task = pipeline.eval_task(cfg, n, source=src)

@@ -11,10 +11,8 @@ shape accuracy per size, and two probes of the text side:
 """
 from __future__ import annotations
 
-import json
 import sys
 
-import ml_collections
 import numpy as np
 
 
@@ -25,12 +23,9 @@ def main(workdir: str) -> None:
   from qtx import eval_run, evaluate, train
   from qtx.data import pipeline, synthetic as syn, tokenizer as tok
 
-  with open(f"{workdir}/config.json") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg, s, params, step = eval_run.load_run(workdir)
   if "omit_prob" not in cfg.data:  # runs from before data.omit_prob: full captions only
     cfg.data.omit_prob = 0.0
-  s = train.setup(cfg)
-  params, step = eval_run.load_params(cfg, workdir, s)
   enc_i, enc_t = train.make_encoders(s)
   text = lambda x: enc_t(params, x)
   ctx = cfg.model.text.context_length

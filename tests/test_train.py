@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -118,6 +119,13 @@ def test_cli_main_job_runs(tmp_path):
   assert rows[-1]["step"] == 4 and "eval/zeroshot_top1" in rows[-1]
   cfg = json.load(open(tmp_path / "config.json"))
   assert cfg["model"]["image"]["attention"]["gate"] == "linear"
+  from qtx import checkpoint as ckpt_lib, eval_run
+  config, s, params, step = eval_run.load_run(str(tmp_path))
+  assert step == 4 and config.model.image.attention.gate == "linear"
+  saved = ckpt_lib.restore_params(str(tmp_path / "checkpoints"), s.abstract_state).params
+  chex.assert_trees_all_equal(params, saved)
+  with pytest.raises(FileNotFoundError, match="not a qtx.main workdir"):
+    eval_run.load_run(str(tmp_path / "checkpoints"))
 
 
 def test_cli_help_lists_modes_and_fields():
