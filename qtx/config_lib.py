@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   # synthetic only: probability that a training caption leaves out the size, and independently
   # the position (eval captions always name all four attributes)
   c.data.omit_prob = synthetic.TRAIN_OMIT_PROB
+  # synthetic only: multiplier of every shape's size (< 1: more plain-background patches)
+  c.data.shape_scale = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256
@@ -165,7 +167,7 @@ def set_normalizer(c: ml_collections.ConfigDict, preset: str) -> None:
 
 def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Tiny CLIP for CPU: 64 px images in 8 px patches (65 tokens, mostly plain background),
-  two 3-layer width-64 towers, 1200 steps of batch 128 on the embedded synthetic dataset, the
+  two 3-layer width-64 towers, 1300 steps of batch 128 on the embedded synthetic dataset, the
   learning rate decaying to 30% of its peak (docs/results.md has the measurements behind it)."""
   c = base_config()
   c.model.embed_dim = 64
@@ -177,16 +179,16 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 64
   c.data.eval_size = 1000
   c.train.batch_size = 128
-  c.train.total_steps = 1200
+  c.train.total_steps = 1300
   c.train.lr = 3e-3
   c.train.warmup_steps = 50
   c.train.end_lr_fraction = 0.3
   c.train.weight_decay = 0.05
   c.train.log_every = 20
-  c.eval.every_steps = 600
+  c.eval.every_steps = 650
   c.eval.num_samples = 1000
   c.eval.batch_size = 250
-  c.checkpoint.every_steps = 600
+  c.checkpoint.every_steps = 650
   c.checkpoint.keep = 2
   c.quant.outliers_every_steps = 100
   set_normalizer(c, arg or "softmax")
@@ -243,6 +245,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"patch_size {img.patch_size}")
   if not 0.0 <= c.data.omit_prob <= 1.0:
     raise ValueError(f"data.omit_prob must be in [0, 1], got {c.data.omit_prob}")
+  shape_scale = c.data.get("shape_scale", 1.0)  # absent from configs saved before it existed
+  if not 0.0 < shape_scale <= synthetic.MAX_SHAPE_SCALE:
+    raise ValueError(f"data.shape_scale must be in (0, {synthetic.MAX_SHAPE_SCALE}], got "
+                     f"{shape_scale}")
   if c.data.image_size != img.image_size:
     raise ValueError(f"data.image_size {c.data.image_size} != model.image.image_size "
                      f"{img.image_size}")

@@ -33,7 +33,7 @@ def background_patches(src, n: int, patch: int) -> np.ndarray:
   for i in range(n):
     rng = src.rng(i)
     attrs = synthetic.sample_attributes(rng)
-    center, radius = synthetic.layout(attrs, rng)
+    center, radius = synthetic.layout(attrs, rng, src.shape_scale)
     mask = synthetic.shape_mask(attrs["shape"], center, radius, src.image_size)
     g = src.image_size // patch
     out.append(~mask.reshape(g, patch, g, patch).any(axis=(1, 3)).reshape(-1))

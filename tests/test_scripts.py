@@ -3,6 +3,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 
 from qtx.data import synthetic
 
@@ -16,14 +17,16 @@ def _load(name):
   return mod
 
 
-def test_background_patches_match_the_rendered_shape():
+@pytest.mark.parametrize("shape_scale", [1.0, 0.5])
+def test_background_patches_match_the_rendered_shape(shape_scale):
   locate = _load("outlier_locate")
-  src = synthetic.SyntheticShapes("eval", image_size=32, seed=3, size=40)
+  src = synthetic.SyntheticShapes("eval", image_size=32, seed=3, size=40, shape_scale=shape_scale)
   bg = locate.background_patches(src, 40, patch=4)  # 40 x 64
   assert bg.shape == (40, 64) and 0 < bg.mean() < 1
   for i in range(40):
     rng = src.rng(i)
-    image = synthetic.render(synthetic.sample_attributes(rng), 32, rng, noise=0)
+    image = synthetic.render(synthetic.sample_attributes(rng), 32, rng, noise=0,
+                             shape_scale=shape_scale)
     # without noise a pixel is grey (R = G = B) exactly when it is background (no grey colours)
     grey = (image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2])
     patch_grey = grey.reshape(8, 4, 8, 4).all(axis=(1, 3)).reshape(-1)

@@ -135,6 +135,41 @@ def test_train_captions_leave_out_attributes_at_omit_prob_and_eval_captions_neve
     syn.SyntheticShapes("train", omit_prob=1.5)
 
 
+def test_shape_scale_shrinks_only_the_shape():
+  """Same draws, smaller shape: the background, noise and caption stay; the shape's area
+  scales with shape_scale**2 and its centre stays put."""
+  base = syn.SyntheticShapes("eval", image_size=64, seed=2, size=60)
+  half = syn.SyntheticShapes("eval", image_size=64, seed=2, size=60, shape_scale=0.5)
+  assert half.shape_scale == 0.5 and "shape_scale=0.5" in repr(half)
+  ratios = []
+  for idx in range(60):
+    a, b = base[idx], half[idx]
+    assert a["caption"] == b["caption"] and a["label"] == b["label"]
+    clean = []
+    for src in (base, half):
+      rng = src.rng(idx)
+      clean.append(syn.render(syn.sample_attributes(rng), 64, rng, noise=0,
+                              shape_scale=src.shape_scale))
+    shape_a, shape_b = ~_grey(clean[0]), ~_grey(clean[1])
+    both_bg = ~shape_a & ~shape_b
+    np.testing.assert_array_equal(a["image"][both_bg], b["image"][both_bg])
+    ratios.append(shape_b.sum() / shape_a.sum())
+  # area ratio 0.25 up to pixelation at 64 px (the small shapes are 7-15 px across)
+  assert 0.2 < np.mean(ratios) < 0.3, np.mean(ratios)
+  for idx in range(60):  # exactly half the radius, from the same random draws
+    r1, r2 = base.rng(idx), half.rng(idx)
+    (_, rad1), (_, rad2) = (syn.layout(syn.sample_attributes(r), r, sc)
+                            for r, sc in ((r1, 1.0), (r2, 0.5)))
+    assert rad2 == pytest.approx(0.5 * rad1, rel=1e-12)
+    assert r1.uniform() == r2.uniform()  # and the generators are in the same state after it
+  rng = base.rng(0)
+  np.testing.assert_array_equal(  # the default is shape_scale = 1
+      syn.render(syn.sample_attributes(rng), 64, rng, shape_scale=1.0), base[0]["image"])
+  for bad in (0, -1.0, 1.6, True, "0.5"):
+    with pytest.raises(ValueError, match="shape_scale must be a number in"):
+      syn.SyntheticShapes("eval", shape_scale=bad)
+
+
 def test_hard_negatives_differ_in_exactly_one_attribute():
   attrs = {"color": "blue", "shape": "ring", "size": "large", "position": "center"}
   variants = syn.one_attribute_variants(attrs)

@@ -78,6 +78,10 @@ def test_unknown_normalizer_and_bad_values_are_clear_errors():
   c = micro_config(**{"data.image_size": 32})
   with pytest.raises(ValueError, match="data.image_size 32 != model.image.image_size 16"):
     config_lib.validate(c)
+  for bad in (0.0, -0.5, 2.0):
+    c = micro_config(**{"data.shape_scale": bad})
+    with pytest.raises(ValueError, match=r"data.shape_scale must be in \(0, 1.5\]"):
+      config_lib.validate(c)
   with pytest.raises(ValueError, match="unknown normalizer preset"):
     config_lib.tiny_config("relu")
   c = micro_config(**{"train.end_lr_fraction": 1.5})

@@ -30,7 +30,8 @@ def _synthetic(config, split):
   src = synthetic.SyntheticShapes(split=split, image_size=config.data.image_size,
                                   seed=config.seed,
                                   size=config.data.eval_size if split == "eval" else None,
-                                  omit_prob=config.data.omit_prob if split == "train" else 0.0)
+                                  omit_prob=config.data.omit_prob if split == "train" else 0.0,
+                                  shape_scale=config.data.get("shape_scale", 1.0))
   src.class_names = tuple(synthetic.CLASS_NAMES)
   src.templates = tuple(synthetic.TEMPLATES)
   src.prompts = synthetic.zeroshot_prompts()  # with the right article ("an orange circle")

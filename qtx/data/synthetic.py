@@ -64,6 +64,9 @@ GRADIENT_PROB = 0.25  # probability of a soft grey gradient instead of a flat ba
 GRADIENT_AMPLITUDE = 18.0  # the gradient spans grey +- this
 NOISE_AMPLITUDE = 6  # per-pixel integer noise, uniform in [-a, a]
 _EXTENT = 1.15  # every shape lies within 1.15 radii of its centre (the triangle's apex)
+# Multiplier of every shape's size (the attributes keep their names): < 1 leaves more of the
+# image, and so more patch tokens, plain background. The largest shape must still fit.
+MAX_SHAPE_SCALE = 1.5
 
 # Location phrases per position; each contains the position's name.
 _LOCATIONS: dict[str, tuple[str, ...]] = {
@@ -302,10 +305,23 @@ def shape_mask(shape: str, center_xy: tuple[float, float], radius: float,
   return (v <= 0.575) & (np.abs(u) * np.sqrt(np.float32(3.0)) <= v + 1.15)
 
 
-def layout(attrs: dict, rng: np.random.Generator) -> tuple[tuple[float, float], float]:
-  """Jittered centre (x, y) and radius of the shape, as fractions of the image side."""
+def check_shape_scale(shape_scale: Any) -> float:
+  if isinstance(shape_scale, bool) or not isinstance(shape_scale, (int, float, np.floating)) or (
+      not 0.0 < shape_scale <= MAX_SHAPE_SCALE):
+    raise ValueError(f"shape_scale must be a number in (0, {MAX_SHAPE_SCALE}]; got {shape_scale!r}")
+  return float(shape_scale)
+
+
+def layout(attrs: dict, rng: np.random.Generator,
+           shape_scale: float = 1.0) -> tuple[tuple[float, float], float]:
+  """Jittered centre (x, y) and radius of the shape, as fractions of the image side.
+
+  `shape_scale` multiplies the radius; it draws the same random numbers for every value, so
+  only the size changes (not the position jitter, background or noise).
+  """
   row, col = POSITIONS[attrs["position"]]
   radius = 0.5 * SIZES[attrs["size"]] * rng.uniform(1.0 - SIZE_JITTER, 1.0 + SIZE_JITTER)
+  radius *= check_shape_scale(shape_scale)
   jx, jy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
   lo, hi = _EXTENT * radius, 1.0 - _EXTENT * radius  # keep the whole shape inside the image
   cx = min(max((col + 0.5) / 3.0 + jx, lo), hi)
@@ -327,18 +343,19 @@ def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
 
 
 def render(attrs: dict, image_size: int, rng: np.random.Generator,
-           noise: int = NOISE_AMPLITUDE) -> np.ndarray:
+           noise: int = NOISE_AMPLITUDE, shape_scale: float = 1.0) -> np.ndarray:
   """uint8 [H, W, 3] image of the shape described by `attrs` on a grey background.
 
   Draws (in this order) the layout jitter, the background and then the noise from `rng`, so
   `noise=0` with an identically seeded `rng` gives the same picture without noise. Shape pixels
   are exactly COLORS[colour] before noise; background pixels are grey (R = G = B).
+  `shape_scale` multiplies the shape's size (see `layout`).
   """
   check_attributes(attrs)
   image_size = check_image_size(image_size)
   if not isinstance(noise, (int, np.integer)) or noise < 0 or noise > 64:
     raise ValueError(f"noise must be an int in [0, 64]; got {noise!r}")
-  center_xy, radius = layout(attrs, rng)
+  center_xy, radius = layout(attrs, rng, shape_scale)
   mask_HxW = shape_mask(attrs["shape"], center_xy, radius, image_size)
   grey_HxW = np.clip(np.rint(_background(rng, image_size)), 0, 255).astype(np.uint8)
   image_HxWx3 = np.repeat(grey_HxW[:, :, None], 3, axis=2)
@@ -366,10 +383,13 @@ class SyntheticShapes:
   samples, default 1000). Record `idx` is a pure function of (seed, split, idx).
   omit_prob: probability that a caption leaves out its size, and independently its position
   (default TRAIN_OMIT_PROB for 'train', 0 for 'eval'); images do not depend on it.
+  shape_scale: multiplier of every shape's size (default 1); < 1 leaves more of each image
+  plain background. Captions do not depend on it.
   """
 
   def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
-               size: int | None = None, omit_prob: float | None = None):
+               size: int | None = None, omit_prob: float | None = None,
+               shape_scale: float = 1.0):
     self.split_id = _check_split(split)
     self.split = split
     self.image_size = check_image_size(image_size)
@@ -387,13 +407,15 @@ class SyntheticShapes:
         0.0 <= omit_prob <= 1.0):
       raise ValueError(f"omit_prob must be a number in [0, 1]; got {omit_prob!r}")
     self.omit_prob = float(omit_prob)
+    self.shape_scale = check_shape_scale(shape_scale)
 
   def __len__(self) -> int:
     return self.size
 
   def __repr__(self) -> str:
     return (f"SyntheticShapes(split={self.split!r}, image_size={self.image_size}, "
-            f"seed={self.seed}, size={self.size}, omit_prob={self.omit_prob})")
+            f"seed={self.seed}, size={self.size}, omit_prob={self.omit_prob}, "
+            f"shape_scale={self.shape_scale})")
 
   def rng(self, idx: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, self.split_id, idx])
@@ -412,7 +434,7 @@ class SyntheticShapes:
   def __getitem__(self, idx: int) -> dict[str, Any]:
     rng = self.rng(self._check_index(idx))
     attrs = sample_attributes(rng)
-    image = render(attrs, self.image_size, rng)
+    image = render(attrs, self.image_size, rng, shape_scale=self.shape_scale)
     omit = ()
     if self.omit_prob > 0.0:  # no draws at 0, so eval captions do not depend on this option
       omit = tuple(a for a in OPTIONAL_ATTRIBUTES if rng.uniform() < self.omit_prob)
