@@ -11,11 +11,26 @@ compiled step), MFU against the device's peak (none on CPU), and memory per devi
 baseline row is the same config with impl='xla' float32, measured in the same process, so
 every other row reads as a ratio to it. `--set KEY=VALUE` (repeatable) changes the measured row
 only, so a config option can be compared against the config as it is.
+
+`--op-profile N` also traces N steps of each row with the JAX profiler and prints where the
+step's time goes: XLA op time per step grouped by op kind (fusion names without their numeric
+suffix, e.g. `ynn_fusion` or `dot` for matmuls on CPU), both rows side by side. Op times are
+summed over threads, so on a multi-core CPU they add up to more than the step's wall time.
+
+  python -m benchmarks.train_step --config configs/clip_tiny.py --steps 20 --op-profile 5 \
+      --set model.image.attention.normalizer=softplus --set model.text.attention.normalizer=softplus \
+      --set model.image.attention.softplus_p=1.0 --set model.text.attention.softplus_p=1.0
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -30,7 +45,35 @@ def load_config(path: str):
   return config_lib.load_config_file(path)
 
 
-def measure(config, steps: int, warmup: int = 2) -> dict:
+def op_time_by_kind(trace_events, steps: int) -> dict[str, float]:
+  """Milliseconds per step of each XLA op kind in a profiler trace's complete ('X') events.
+
+  Ops are grouped by name without a trailing '.N' (`ynn_fusion.12` -> `ynn_fusion`); the
+  executor's own spans and Python frames (names starting with '$') are left out.
+  """
+  by_kind: collections.Counter = collections.Counter()
+  for e in trace_events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "ThunkExecutor")):
+      continue
+    by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / steps
+  return dict(by_kind)
+
+
+def profile_ops(compiled, state, batch, steps: int) -> dict[str, float]:
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(steps):
+        state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+    files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+    if not files:
+      raise RuntimeError(f"the profiler wrote no trace under {d}")
+    with gzip.open(files[0]) as f:
+      return op_time_by_kind(json.load(f)["traceEvents"], steps)
+
+
+def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
   s = train.setup(config)
   state = train.init_state(s, 0)
   step_fn = train.make_train_step(s)
@@ -55,6 +98,7 @@ def measure(config, steps: int, warmup: int = 2) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   dt = statistics.median(times)
+  ops = profile_ops(compiled, state, batch, op_profile) if op_profile else None
   n_dev = s.mesh.devices.size
   model_flops = flops_lib.train_step_flops(config)
   xla_flops = flops_lib.compiled_flops(compiled)
@@ -70,7 +114,7 @@ def measure(config, steps: int, warmup: int = 2) -> dict:
   return {"step_s": dt, "steps_per_s": 1 / dt, "samples_per_s": B / dt, "tflops": tflops,
           "xla_tflops": (xla_flops / dt / n_dev / 1e12) if xla_flops else None,
           "mfu": tflops / peak if peak else None, "mem_gib": mem / 2**30 if mem else None,
-          "compile_s": compile_s, "devices": n_dev}
+          "compile_s": compile_s, "devices": n_dev, "ops": ops}
 
 
 def main():
@@ -84,6 +128,8 @@ def main():
   p.add_argument("--impl", default="xla", choices=["xla", "pallas"])
   p.add_argument("--mesh", default=None, help="e.g. 1,-1,1 for (data, fsdp, tensor)")
   p.add_argument("--no-baseline", action="store_true")
+  p.add_argument("--op-profile", type=int, default=0, metavar="N",
+                 help="trace N more steps per row and print XLA op time per step by op kind")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for the measured row (not the baseline)")
   args = p.parse_args()
@@ -107,10 +153,12 @@ def main():
         f"config {args.config} | batch {make('float32', 'none', False, 'xla').train.batch_size}")
   rows = []
   if not args.no_baseline:
-    rows.append(("baseline f32 xla", measure(make("float32", "none", False, "xla"), args.steps)))
+    rows.append(("baseline f32 xla", measure(make("float32", "none", False, "xla"), args.steps,
+                                             op_profile=args.op_profile)))
   rows.append((f"{args.dtype} remat={args.remat} scan={args.scan} {args.impl}"
                + "".join(f" {o}" for o in args.set),
-               measure(make(args.dtype, args.remat, args.scan, args.impl, args.set), args.steps)))
+               measure(make(args.dtype, args.remat, args.scan, args.impl, args.set), args.steps,
+                       op_profile=args.op_profile)))
   base = rows[0][1]["step_s"]
   fmt = lambda v, f: "-" if v is None else f.format(v)
   print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
@@ -120,6 +168,20 @@ def main():
           f"{r['tflops']:11.3f} {fmt(r['xla_tflops'], '{:11.3f}'):>11s} "
           f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
           f"{base / r['step_s']:8.2f}x")
+  if args.op_profile:
+    print_op_table(rows)
+
+
+def print_op_table(rows, top: int = 20) -> None:
+  kinds = collections.Counter()
+  for _, r in rows:
+    kinds.update(r["ops"])
+  names = [k for k, _ in kinds.most_common(top)]
+  print(f"\nXLA op time per step (ms, summed over threads), top {len(names)} op kinds:")
+  print(f"{'op kind':40s}" + "".join(f" {f'row {i}':>10s}" for i in range(len(rows))))
+  for k in names + ["(all ops)"]:
+    vals = [sum(r["ops"].values()) if k == "(all ops)" else r["ops"].get(k, 0.0) for _, r in rows]
+    print(f"{k[:40]:40s}" + "".join(f" {v:10.2f}" for v in vals))
 
 
 if __name__ == "__main__":
