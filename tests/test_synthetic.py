@@ -408,3 +408,6 @@ def test_save_sample_grid(tmp_path):
   path = syn.save_sample_grid(str(tmp_path / "sub" / "grid.png"), n=4, image_size=32)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  path = syn.save_sample_grid(str(tmp_path / "half.png"), n=2, image_size=32, shape_scale=0.5)
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -462,7 +462,7 @@ def describe() -> str:
 
 
 def save_sample_grid(path: str, n: int = 16, image_size: int = 64, seed: int = 0,
-                     split: str = "eval") -> str:
+                     split: str = "eval", shape_scale: float = 1.0) -> str:
   """Saves a PNG grid of the first `n` records of a split with their captions; returns path."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -470,7 +470,8 @@ def save_sample_grid(path: str, n: int = 16, image_size: int = 64, seed: int = 0
 
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"n must be a positive int; got {n!r}")
-  source = SyntheticShapes(split, image_size=image_size, seed=seed, size=max(n, 1))
+  source = SyntheticShapes(split, image_size=image_size, seed=seed, size=max(n, 1),
+                           shape_scale=shape_scale)
   cols = int(np.ceil(np.sqrt(n)))
   rows = int(np.ceil(n / cols))
   fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.25 * rows), squeeze=False)
@@ -482,7 +483,9 @@ def save_sample_grid(path: str, n: int = 16, image_size: int = 64, seed: int = 0
     ax.imshow(record["image"], interpolation="nearest")
     title = "\n".join(textwrap.wrap(record["caption"], 30))
     ax.set_title(f"{title}\n[{CLASS_NAMES[record['label']]}]", fontsize=7)
-  fig.suptitle(f"SyntheticShapes({split!r}, image_size={image_size}, seed={seed})", fontsize=9)
+  scale = f", shape_scale={shape_scale:g}" if shape_scale != 1.0 else ""
+  fig.suptitle(f"SyntheticShapes({split!r}, image_size={image_size}, seed={seed}{scale})",
+               fontsize=9)
   fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.97))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
