@@ -245,10 +245,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"patch_size {img.patch_size}")
   if not 0.0 <= c.data.omit_prob <= 1.0:
     raise ValueError(f"data.omit_prob must be in [0, 1], got {c.data.omit_prob}")
-  shape_scale = c.data.get("shape_scale", 1.0)  # absent from configs saved before it existed
-  if not 0.0 < shape_scale <= synthetic.MAX_SHAPE_SCALE:
+  if not 0.0 < c.data.shape_scale <= synthetic.MAX_SHAPE_SCALE:
     raise ValueError(f"data.shape_scale must be in (0, {synthetic.MAX_SHAPE_SCALE}], got "
-                     f"{shape_scale}")
+                     f"{c.data.shape_scale}")
   if c.data.image_size != img.image_size:
     raise ValueError(f"data.image_size {c.data.image_size} != model.image.image_size "
                      f"{img.image_size}")

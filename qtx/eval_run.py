@@ -81,14 +81,27 @@ def load_params(config, workdir: str, s: train.Setup | None = None):
   return state.params, int(jax.device_get(state.step))
 
 
+# Config keys added after runs were first saved, with the value that reproduces a run saved
+# before the key existed (data.omit_prob: such runs trained on full captions).
+LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0}
+
+
 def load_run(workdir: str, step: int | str | None = None):
   """(config, setup, params, step) of a run `qtx.main` wrote: WORKDIR/config.json and the
-  checkpoint of training step `step` (the latest when None)."""
+  checkpoint of training step `step` (the latest when None). Keys the saved config predates
+  get their LEGACY_DEFAULTS value."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist: {workdir!r} is not a qtx.main workdir")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  for key, value in LEGACY_DEFAULTS.items():
+    *parents, name = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if name not in node:
+      node[name] = value
   if step is not None:
     config.init_from = os.path.join(workdir, "checkpoints", str(step))
   s = train.setup(config)

@@ -24,8 +24,6 @@ def main(workdir: str) -> None:
   from qtx.data import pipeline, synthetic as syn, tokenizer as tok
 
   cfg, s, params, step = eval_run.load_run(workdir)
-  if "omit_prob" not in cfg.data:  # runs from before data.omit_prob: full captions only
-    cfg.data.omit_prob = 0.0
   enc_i, enc_t = train.make_encoders(s)
   text = lambda x: enc_t(params, x)
   ctx = cfg.model.text.context_length

@@ -136,8 +136,8 @@ def test_train_captions_leave_out_attributes_at_omit_prob_and_eval_captions_neve
 
 
 def test_shape_scale_shrinks_only_the_shape():
-  """Same draws, smaller shape: the background, noise and caption stay; the shape's area
-  scales with shape_scale**2 and its centre stays put."""
+  """Same draws, smaller shape: the background, noise and caption stay; the radius is scaled
+  exactly and the shape's area by about shape_scale**2."""
   base = syn.SyntheticShapes("eval", image_size=64, seed=2, size=60)
   half = syn.SyntheticShapes("eval", image_size=64, seed=2, size=60, shape_scale=0.5)
   assert half.shape_scale == 0.5 and "shape_scale=0.5" in repr(half)

@@ -130,6 +130,13 @@ def test_cli_main_job_runs(tmp_path):
   chex.assert_trees_all_equal(params, saved)
   with pytest.raises(FileNotFoundError, match="not a qtx.main workdir"):
     eval_run.load_run(str(tmp_path / "checkpoints"))
+  # a run saved before data.omit_prob and data.shape_scale existed loads with the values it had
+  del cfg["data"]["omit_prob"], cfg["data"]["shape_scale"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(cfg, f)
+  config, _, old_params, _ = eval_run.load_run(str(tmp_path))
+  assert (config.data.omit_prob, config.data.shape_scale) == (0.0, 1.0)
+  chex.assert_trees_all_equal(old_params, saved)
 
 
 def test_cli_help_lists_modes_and_fields():

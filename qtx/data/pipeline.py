@@ -31,7 +31,7 @@ def _synthetic(config, split):
                                   seed=config.seed,
                                   size=config.data.eval_size if split == "eval" else None,
                                   omit_prob=config.data.omit_prob if split == "train" else 0.0,
-                                  shape_scale=config.data.get("shape_scale", 1.0))
+                                  shape_scale=config.data.shape_scale)
   src.class_names = tuple(synthetic.CLASS_NAMES)
   src.templates = tuple(synthetic.TEMPLATES)
   src.prompts = synthetic.zeroshot_prompts()  # with the right article ("an orange circle")
