@@ -18,6 +18,7 @@ Gated attention is not a normalizer: it multiplies the context of each head and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -25,14 +26,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-
-
-def _row_count(x: Array, axis: int, where: Optional[Array]) -> Array:
-  """Number of attended entries along `axis` (keepdims), as float32."""
-  if where is None:
-    return jnp.full_like(jnp.sum(x, axis=axis, keepdims=True), x.shape[axis], jnp.float32)
-  where = jnp.broadcast_to(where, x.shape)
-  return jnp.sum(where, axis=axis, keepdims=True, dtype=jnp.float32)
 
 
 def softmax(x: Array, axis: int = -1, where: Optional[Array] = None) -> Array:
@@ -77,35 +70,82 @@ def clipped_softmax(x: Array, gamma, zeta: float = 1.0, axis: int = -1,
 def softplus_reweight(x: Array, axis: int = -1, where: Optional[Array] = None,
                       p: float = 15.0, eps: float = 1e-6,
                       first_row_keys: int = 1) -> Array:
-  """Softplus attention with re-weighting (Gao & Spratling 2025), computed in the log domain.
+  """Softplus attention with re-weighting (Gao & Spratling 2025).
 
   S = softplus(x) * mask;  A = S / (sum S + eps);  B = relu(N * A - O) ** p, row-normalised.
   N is the number of attended keys in the row; O = 1, except for rows with N <= first_row_keys
-  (whose only possible row is uniform and would vanish), which use O = 0. The power and the
-  normalisation are done as a softmax over p * log(relu(N A - O)), so large p cannot overflow or
-  underflow. A row whose entries are all <= O/N (exactly uniform) is all zeros.
+  (whose only possible row is uniform and would vanish), which use O = 0. For p != 1 the power
+  and the normalisation are done as a softmax over p * log(relu(N A - O)), so large p cannot
+  overflow or underflow. A row whose entries are all <= O/N (exactly uniform) is all zeros.
+
+  The gradient is written out rather than differentiated through the masking: with r = N A - O
+  and y the output, dr = p * y / r * (g - sum(g * y)) on the kept entries, dA = N dr,
+  dS = (dA - sum(dA * A)) / (sum S + eps), dx = dS * sigmoid(x) * mask.
   """
   if p <= 0:
     raise ValueError(f"softplus re-weighting needs p > 0, got {p}")
   dtype = x.dtype
-  x = x.astype(jnp.float32)
-  s = jax.nn.softplus(x)
-  if where is not None:
-    where = jnp.broadcast_to(where, x.shape)
-    s = jnp.where(where, s, 0.0)
-  a = s / (jnp.sum(s, axis=axis, keepdims=True) + eps)
-  n = _row_count(x, axis, where)
-  o = jnp.where(n <= first_row_keys, 0.0, 1.0)
-  r = n * a - o
-  pos = r > 0
-  if where is not None:
-    pos = pos & where
+  x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+  if where is None:
+    w = jnp.ones(x.shape, bool)
+  else:
+    w = jnp.moveaxis(jnp.broadcast_to(where, jnp.shape(x)), axis, -1)
+  y = _softplus_reweight_last(x, w, float(p), float(eps), int(first_row_keys))
+  return jnp.moveaxis(y, -1, axis).astype(dtype)
+
+
+def _softplus_reweight_parts(x, where, p, eps, first_row_keys):
+  s = jnp.where(where, jax.nn.softplus(x), 0.0)
+  denom = jnp.sum(s, axis=-1, keepdims=True) + eps
+  a = s / denom
+  n = jnp.sum(where, axis=-1, keepdims=True, dtype=jnp.float32)
+  r = n * a - jnp.where(n <= first_row_keys, 0.0, 1.0)
+  pos = (r > 0) & where
   if p == 1.0:  # B = relu(r) / sum relu(r): the same values without the log/exp round trip
     b = jnp.where(pos, r, 0.0)
-    tot = jnp.sum(b, axis=axis, keepdims=True)
-    return (b / jnp.where(tot > 0, tot, 1.0)).astype(dtype)
-  log_b = jnp.where(pos, p * jnp.log(jnp.where(pos, r, 1.0)), -jnp.inf)
-  return softmax(log_b, axis=axis, where=pos).astype(dtype)
+    tot = jnp.sum(b, axis=-1, keepdims=True)
+    y = b / jnp.where(tot > 0, tot, 1.0)
+  else:
+    y = softmax(jnp.where(pos, p * jnp.log(jnp.where(pos, r, 1.0)), 0.0), where=pos)
+  return y, (a, r, pos, n, denom)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _softplus_reweight_last(x, where, p, eps, first_row_keys):
+  return _softplus_reweight_parts(x, where, p, eps, first_row_keys)[0]
+
+
+def _softplus_reweight_fwd(x, where, p, eps, first_row_keys):
+  y, (a, r, pos, n, denom) = _softplus_reweight_parts(x, where, p, eps, first_row_keys)
+  # dy/dr = p * y / r (times the normalisation term); 0 where the entry was cut by the relu
+  y_over_r = jnp.where(pos, y / jnp.where(pos, r, 1.0), 0.0) * p
+  ds_dx = jnp.where(where, jax.nn.sigmoid(x), 0.0)
+  return y, (y, y_over_r, a, ds_dx, n / denom, denom)
+
+
+def _softplus_reweight_bwd(p, eps, first_row_keys, res, g):
+  del p, eps, first_row_keys
+  y, y_over_r, a, ds_dx, n_over_denom, denom = res
+  dr = y_over_r * (g - jnp.sum(g * y, axis=-1, keepdims=True))
+  da = dr * n_over_denom  # N * dr, already divided by (sum S + eps)
+  ds = da - jnp.sum(dr * a, axis=-1, keepdims=True) * (n_over_denom)
+  return ds * ds_dx, None
+
+
+_softplus_reweight_last.defvjp(_softplus_reweight_fwd, _softplus_reweight_bwd)
+
+
+def plain_softplus_reweight(x: Array, where: Array, p: float = 15.0, eps: float = 1e-6) -> Array:
+  """`softplus_reweight` over the last axis written plainly (direct power, so only for moderate
+  p) and differentiated by JAX: the reference for its written-out gradient."""
+  s = jnp.where(where, jax.nn.softplus(x), 0.0)
+  a = s / (jnp.sum(s, -1, keepdims=True) + eps)
+  n = jnp.sum(where, -1, keepdims=True, dtype=jnp.float32)
+  r = n * a - jnp.where(n <= 1, 0.0, 1.0)
+  pos = (r > 0) & where
+  b = jnp.where(pos, jnp.where(pos, r, 1.0) ** p, 0.0)
+  tot = jnp.sum(b, -1, keepdims=True)
+  return b / jnp.where(tot > 0, tot, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
