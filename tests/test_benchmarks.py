@@ -25,3 +25,21 @@ def test_profile_ops_reads_a_real_trace():
   f = jax.jit(lambda s, b: (s + 1, jnp.tanh(b @ b.T).sum()))
   ops = bench.profile_ops(f, jnp.zeros(()), jnp.ones((64, 64)), steps=3)
   assert ops and all(v >= 0 for v in ops.values()) and sum(ops.values()) > 0
+
+
+def test_normalizer_grad_swaps_in_the_plain_formula_and_restores():
+  """The benchmark's B side must really be autodiff of the plain formula (its jaxpr has no
+  custom_vjp), and the shipped VJP must be back afterwards."""
+  import numpy as np
+  from benchmarks import normalizer_grad
+  from qtx.nn import normalizers as N
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5))
+  f = lambda x: N.softplus_reweight(x, p=1.0)
+  assert "custom_vjp" in str(jax.make_jaxpr(f)(x))
+  shipped = N._softplus_reweight_last
+  with normalizer_grad.plain_gradients():
+    jaxpr = str(jax.make_jaxpr(lambda x: f(x))(x))  # a new function: no cached trace
+    y_plain = f(x)
+  assert "custom_vjp" not in jaxpr
+  assert N._softplus_reweight_last is shipped
+  np.testing.assert_allclose(y_plain, f(x), rtol=1e-6, atol=1e-7)
