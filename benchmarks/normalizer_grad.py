@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import time_fn
 from qtx.nn import normalizers as N
 
 
@@ -41,17 +41,6 @@ def plain_gradients():
     yield
   finally:
     N._softplus_reweight_last = saved
-
-
-def _time(fn, args, iters):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def normalizer_rows(iters: int, rounds: int):
@@ -74,15 +63,14 @@ def normalizer_rows(iters: int, rounds: int):
     written = written.lower(x).compile()
     t_w, t_p = [], []
     for _ in range(rounds):
-      t_w.append(_time(written, (x,), iters))
-      t_p.append(_time(plain, (x,), iters))
+      t_w.append(time_fn(written, x, iters=iters))
+      t_p.append(time_fn(plain, x, iters=iters))
     rows.append((name, statistics.median(t_w), statistics.median(t_p)))
   return rows
 
 
 def train_step_rows(steps: int, rounds: int, config_path: str):
   from benchmarks.train_step import load_config, measure
-  rows = []
   t_w, t_p, t_s = [], [], []
   for _ in range(rounds):
     t_w.append(measure(load_config(f"{config_path}:softplus"), steps)["step_s"])
