@@ -54,6 +54,24 @@ def test_resume_continues_from_latest_checkpoint(tmp_path):
   assert steps == [2, 4, 6]
 
 
+def test_same_seed_gives_the_same_run_and_resume_is_exact(tmp_path):
+  """The sweep's tables are re-runnable: two runs of one config and seed log identical losses,
+  and a run that lost its last checkpoint resumes from the one before and logs the same losses
+  again (data order and optimizer state restored, not restarted)."""
+  import shutil
+  cfg = {"train.total_steps": 8, "checkpoint.every_steps": 4, "train.log_every": 2}
+  rows = lambda d: [(r["step"], r["train/loss"]) for r in metrics.read(str(d)) if "train/loss" in r]
+  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "a"))
+  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "b"))
+  first = rows(tmp_path / "a")
+  assert [s for s, _ in first] == [2, 4, 6, 8] and first == rows(tmp_path / "b")
+  shutil.rmtree(tmp_path / "a" / "checkpoints" / "8")  # as if killed before the final save
+  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "a"))
+  again = rows(tmp_path / "a")[len(first):]
+  assert [s for s, _ in again] == [6, 8]
+  np.testing.assert_allclose([l for _, l in again], [l for _, l in first[2:]], rtol=1e-6)
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   c = micro_config(**{"train.total_steps": 6, "checkpoint.every_steps": 2,
                       "train.lr": 1e30, "train.warmup_steps": 1, "train.grad_clip": 0.0})
