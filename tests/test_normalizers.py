@@ -199,6 +199,13 @@ class WrittenOutGradientTest(chex.TestCase):
     g = jax.grad(lambda x: jnp.sum(N.softplus_reweight(x, axis=-2, where=wt, p=1.0) * ct))(xt)
     g_last = jax.grad(lambda x: jnp.sum(N.softplus_reweight(x, where=where, p=1.0) * cot))(x)
     np.testing.assert_allclose(jnp.swapaxes(g, -1, -2), g_last, rtol=1e-6, atol=1e-7)
+    # a non-square score tensor with a mask that broadcasts along the normalised axis's partner
+    xr = jax.random.normal(jax.random.key(41), (2, 7, 5)) * 3
+    keep = jnp.asarray(np.arange(7) < 5)[:, None]  # [7, 1]: rows 5, 6 of axis -2 masked
+    y = N.softplus_reweight(xr, axis=-2, where=keep, p=1.0)
+    y_ref = jnp.swapaxes(N.softplus_reweight(jnp.swapaxes(xr, -1, -2), where=keep.T, p=1.0), -1, -2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(y)[:, 5:], 0.0)
     xb = x.astype(jnp.bfloat16)
     f = lambda x: N.softplus_reweight(x, where=where)
     g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * cot))(xb)

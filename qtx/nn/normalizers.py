@@ -85,11 +85,8 @@ def softplus_reweight(x: Array, axis: int = -1, where: Optional[Array] = None,
   if p <= 0:
     raise ValueError(f"softplus re-weighting needs p > 0, got {p}")
   dtype = x.dtype
-  x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-  if where is None:
-    w = jnp.ones(x.shape, bool)
-  else:
-    w = jnp.moveaxis(jnp.broadcast_to(where, jnp.shape(x)), axis, -1)
+  w = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  x, w = jnp.moveaxis(x.astype(jnp.float32), axis, -1), jnp.moveaxis(w, axis, -1)
   y = _softplus_reweight_last(x, w, float(p), float(eps), int(first_row_keys))
   return jnp.moveaxis(y, -1, axis).astype(dtype)
 
@@ -120,15 +117,15 @@ def _softplus_reweight_fwd(x, where, p, eps, first_row_keys):
   # dy/dr = p * y / r (times the normalisation term); 0 where the entry was cut by the relu
   y_over_r = jnp.where(pos, y / jnp.where(pos, r, 1.0), 0.0) * p
   ds_dx = jnp.where(where, jax.nn.sigmoid(x), 0.0)
-  return y, (y, y_over_r, a, ds_dx, n / denom, denom)
+  return y, (y, y_over_r, a, ds_dx, n / denom)
 
 
 def _softplus_reweight_bwd(p, eps, first_row_keys, res, g):
   del p, eps, first_row_keys
-  y, y_over_r, a, ds_dx, n_over_denom, denom = res
+  y, y_over_r, a, ds_dx, n_over_denom = res
   dr = y_over_r * (g - jnp.sum(g * y, axis=-1, keepdims=True))
   da = dr * n_over_denom  # N * dr, already divided by (sum S + eps)
-  ds = da - jnp.sum(dr * a, axis=-1, keepdims=True) * (n_over_denom)
+  ds = da - jnp.sum(dr * a, axis=-1, keepdims=True) * n_over_denom
   return ds * ds_dx, None
 
 
