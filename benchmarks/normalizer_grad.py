@@ -1,13 +1,13 @@
-"""Softplus attention's written-out gradient against JAX autodiff of the plain formula.
+"""Softplus attention's written-out gradient against JAX autodiff of the same forward.
 
   python -m benchmarks.normalizer_grad                 # normalizer forward+backward alone
   python -m benchmarks.normalizer_grad --train-step    # and the tiny config's whole train step
 
 `qtx.nn.normalizers.softplus_reweight` carries a hand-written VJP; `plain_softplus_reweight` is
-the same formula differentiated by JAX. Part 1 times jit(value_and_grad) of both on the tiny
+the same forward computation differentiated by JAX. Part 1 times jit(value_and_grad) of both on the tiny
 config's attention shapes (image: 128 x 4 heads x 65 x 65, unmasked; text: 128 x 4 x 20 x 20,
 causal). Part 2 (`--train-step`) times the tiny config's whole train step with softplus
-attention twice: as shipped, and with the plain formula swapped in.
+attention twice: as shipped, and with autodiff swapped in.
 Rows are measured in the same process in alternating order (A, B, A, B) and each figure is the
 median over the rounds; the ratio column is plain time / written-out time (> 1: faster). The
 last row puts the softmax train step in the second column, for scale.
@@ -28,15 +28,10 @@ from qtx.nn import normalizers as N
 
 @contextlib.contextmanager
 def plain_gradients():
-  """Swap the written-out VJP for JAX autodiff of the plain formula (at trace time)."""
+  """Swap the written-out VJP for JAX autodiff of the same forward (at trace time)."""
   saved = N._softplus_reweight_last
 
-  def softplus(x, w, p, eps, first_row_keys):
-    if first_row_keys != 1:
-      raise ValueError("the plain formula fixes first_row_keys = 1")
-    return N.plain_softplus_reweight(x, w, p, eps)
-
-  N._softplus_reweight_last = softplus
+  N._softplus_reweight_last = N.plain_softplus_reweight
   try:
     yield
   finally:

@@ -28,7 +28,7 @@ def test_profile_ops_reads_a_real_trace():
 
 
 def test_normalizer_grad_swaps_in_the_plain_formula_and_restores():
-  """The benchmark's B side must really be autodiff of the plain formula (its jaxpr has no
+  """The benchmark's B side must really be autodiff of the same forward (its jaxpr has no
   custom_vjp), and the shipped VJP must be back afterwards."""
   import numpy as np
   from benchmarks import normalizer_grad

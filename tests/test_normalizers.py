@@ -170,8 +170,9 @@ class SoftplusTest(chex.TestCase):
 
 
 class WrittenOutGradientTest(chex.TestCase):
-  """softplus_reweight carries a hand-written VJP; it must equal autodiff of the plain formula,
-  on masked, fully masked, single-key and exactly uniform rows, along any axis."""
+  """softplus_reweight carries a hand-written VJP; it must equal JAX autodiff of the same forward
+  (`plain_softplus_reweight`; the forward values are checked against numpy in SoftplusTest), on
+  masked, fully masked, single-key and exactly uniform rows, along any axis."""
 
   def _inputs(self, seed, T=9):
     x = jax.random.normal(jax.random.key(seed), (3, T, T)) * 3
@@ -185,9 +186,8 @@ class WrittenOutGradientTest(chex.TestCase):
   def test_softplus_vjp_matches_autodiff(self):
     x, where, cot = self._inputs(30)
     for p in (1.0, 3.0, 15.0):
-      y, vjp = jax.vjp(self.variant(lambda x: N.softplus_reweight(x, where=where, p=p)), x)
-      y_ref, vjp_ref = jax.vjp(lambda x: N.plain_softplus_reweight(x, where, p), x)
-      np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=1e-6)
+      _, vjp = jax.vjp(self.variant(lambda x: N.softplus_reweight(x, where=where, p=p)), x)
+      _, vjp_ref = jax.vjp(lambda x: N.plain_softplus_reweight(x, where, p), x)
       g, g_ref = vjp(cot)[0], vjp_ref(cot)[0]
       np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=1e-5 * np.abs(g_ref).max())
       assert np.all(np.asarray(g)[:, ~np.asarray(where)] == 0.0)
