@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.percentile = 99.99
   c.quant.momentum = 0.9
   c.quant.calib_batches = 16
-  c.quant.keep_float = "head,temperature,gates"
+  c.quant.keep_float = "head"  # comma-separated: activation points, weights, head
   c.quant.outliers_every_steps = 0  # 0 = off during training
   c.quant.ablate = False  # ptq mode: also evaluate with one quantizer class at a time in float
   return c

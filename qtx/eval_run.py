@@ -31,6 +31,7 @@ from qtx import train
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP
+from qtx.nn.text import valid_tokens
 from qtx.quant import outliers
 
 TOWERS = ("image", "text")
@@ -84,6 +85,7 @@ def load_params(config, workdir: str, s: train.Setup | None = None):
 # Config keys added after runs were first saved, with the value that reproduces a run saved
 # before the key existed (data.omit_prob: such runs trained on full captions).
 LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0}
+LEGACY_KEEP_FLOAT = ("gates", "temperature")
 
 
 def load_run(workdir: str, step: int | str | None = None):
@@ -102,6 +104,10 @@ def load_run(workdir: str, step: int | str | None = None):
       node = node[p]
     if name not in node:
       node[name] = value
+  # quant.keep_float once listed 'gates' and 'temperature', which were always float anyway
+  kf = config.get("quant", {}).get("keep_float")
+  if isinstance(kf, str) and any(n in kf.split(",") for n in LEGACY_KEEP_FLOAT):
+    config.quant.keep_float = ",".join(n for n in kf.split(",") if n not in LEGACY_KEEP_FLOAT)
   if step is not None:
     config.init_from = os.path.join(workdir, "checkpoints", str(step))
   s = train.setup(config)
@@ -121,7 +127,8 @@ def _encoder_tree(intermediates: Mapping[str, Any], tower: str):
 
 def make_outlier_fn(model: CLIP, tower: str, variables_extra: dict | None = None) -> Callable:
   """Jitted (params, x) -> {tensor: (inf_norm_B, kurtosis_B)} of one tower's block outputs and
-  FFN outputs (tensor names 'block_<i>/block_out', 'block_<i>/ffn_out')."""
+  FFN outputs (tensor names 'block_<i>/block_out', 'block_<i>/ffn_out'). Text statistics count
+  the tokens up to each row's end-of-text token only."""
   if tower not in TOWERS:
     raise ValueError(f"unknown tower {tower!r}; choose one of {TOWERS}")
   method = CLIP.encode_image if tower == "image" else CLIP.encode_text
@@ -131,7 +138,9 @@ def make_outlier_fn(model: CLIP, tower: str, variables_extra: dict | None = None
     _, state = model.apply({"params": params, **extra}, x, method=method,
                            mutable=["intermediates"])
     tree, scanned = _encoder_tree(state["intermediates"], tower)
-    return outliers.per_sequence_stats(tree, scanned, include=outliers.TENSORS)
+    # text: only the tokens up to end-of-text, which are all the output can depend on
+    valid = valid_tokens(x) if tower == "text" else None
+    return outliers.per_sequence_stats(tree, scanned, include=outliers.TENSORS, valid_BxT=valid)
 
   return jax.jit(fn)
 

@@ -116,9 +116,14 @@ def test_init_quant_stats_and_calibration_counts(run, calibrated):
             if jax.tree_util.keystr(p).endswith(f"['{name}']")]
 
   assert set(leaves_named("count")) == {2.0}
-  # every range includes 0, and the quantizers saw non-trivial activations
-  assert max(leaves_named("x_min")) <= 0.0 <= min(leaves_named("x_max"))
+  # raw ranges (the grid adds 0): ordered, and the quantizers saw non-trivial activations
+  assert all(lo < hi for lo, hi in zip(leaves_named("x_min"), leaves_named("x_max")))
   assert max(leaves_named("x_max")) > 0.1
+  # attention probabilities: the calibrated range lies inside [0, 1]
+  for path, v in jax.tree_util.tree_leaves_with_path(stats):
+    name = jax.tree_util.keystr(path)
+    if "probs_quant" in name and not name.endswith("['count']"):
+      assert 0.0 <= float(v) <= 1.0, name
   with pytest.raises(ValueError, match="calib_batches must be >= 1"):
     ptq.calibration_batches(c, s, 0)
 
@@ -174,7 +179,8 @@ def test_quant_config_labels_and_errors():
   np.testing.assert_array_equal(ptq.keep_mask(["embed", "ln_out"]),
                                 [c in ("embed", "ln_out") for c in ptq.ACT_CLASSES])
   w = ptq.float_weights_config(q)
-  assert w.weight_bits == 16 and w.act_bits == 16 and w.keep_float == q.keep_float + ("weights",)
+  assert w.weight_bits == q.weight_bits and w.act_bits == q.act_bits
+  assert w.keep_float == q.keep_float + ("weights",)
   assert ptq.POINT_CLASSES[-1] == "weights" and len(set(ptq.POINT_CLASSES)) == 10
 
 
@@ -296,3 +302,37 @@ def test_compare_outliers_side_by_side(tmp_path):
   (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n")
   with pytest.raises(ValueError, match="no row with per-layer outlier statistics"):
     figures.compare_outliers([str(empty)], str(tmp_path / "y.png"))
+
+
+def test_text_padding_changes_no_calibration_range_or_outlier_statistic():
+  """Whatever follows the end-of-text token cannot reach the text embedding, so it must not
+  move a calibrated range or the text tower's outlier statistics."""
+  from qtx import eval_run
+  from qtx.nn.clip import CLIP
+  c = _config()
+  model = build_model(c, quant=ptq.quant_config(c))
+  fmodel = build_model(c)
+  rng = np.random.default_rng(0)
+  T = c.model.text.context_length
+  tokens = np.zeros((6, T), np.int32)
+  for b in range(6):
+    n = 2 + b
+    tokens[b, 0], tokens[b, n] = 49406, 49407
+    tokens[b, 1:n] = rng.integers(1, 40000, n - 1)
+  noisy = tokens.copy()
+  for b in range(6):  # replace the zero padding by other (lower) ids
+    n = int(np.argmax(tokens[b]))
+    noisy[b, n + 1:] = rng.integers(1, 40000, T - n - 1)
+  images = np.zeros((6, 16, 16, 3), np.uint8)
+  v = nn.meta.unbox(model.init(jax.random.key(0), images, tokens))
+  calib = jax.jit(lambda v, t: model.apply(v, t, method=CLIP.encode_text,
+                                           mutable=["quant_stats"])[1]["quant_stats"])
+  s0, s1 = calib(v, tokens), calib(v, noisy)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s0), jax.tree.leaves(s1)):
+    if "textual" in jax.tree_util.keystr(path):
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  m0 = eval_run.outlier_metrics(fmodel, v["params"], images, tokens, batch_size=6)
+  m1 = eval_run.outlier_metrics(fmodel, v["params"], images, noisy, batch_size=6)
+  for k in m0:
+    if "/text/" in k:
+      np.testing.assert_allclose(m0[k], m1[k], rtol=1e-6, err_msg=k)

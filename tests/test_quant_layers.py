@@ -44,7 +44,7 @@ class QuantConfigTest(chex.TestCase):
     c = QuantConfig.from_config(config_lib.tiny_config().quant)
     self.assertFalse(c.enabled)
     self.assertEqual((c.weight_bits, c.act_bits), (8, 8))
-    self.assertEqual(c.keep_float, ("head", "temperature", "gates"))
+    self.assertEqual(c.keep_float, ("head",))
     self.assertEqual(c.estimator, "running_minmax")
     hash(c)  # usable as a module attribute
     self.assertEqual(QuantConfig.from_config(None), QuantConfig())
@@ -54,13 +54,28 @@ class QuantConfigTest(chex.TestCase):
     q.enabled = True
     q.weight_bits = 4
     q.act_granularity = "per_token"
-    q.keep_float = " head , gates,"
+    q.keep_float = " head , attn_probs,"
     c = QuantConfig.from_config(q)
     self.assertEqual((c.enabled, c.weight_bits, c.act_granularity), (True, 4, "per_token"))
-    self.assertEqual(c.keep_float, ("head", "gates"))
+    self.assertEqual(c.keep_float, ("head", "attn_probs"))
     self.assertFalse(c.quantizes("head"))
+    self.assertFalse(c.quantizes("attn_probs"))
     self.assertTrue(c.quantizes("attn_scores"))
-    self.assertEqual(QuantConfig(keep_float="a,b").keep_float, ("a", "b"))
+    self.assertEqual(QuantConfig(keep_float="weights,resid").keep_float, ("weights", "resid"))
+
+  def test_keep_float_refuses_names_nothing_reads(self):
+    for name, msg in (("gates", "gates are always computed in float"),
+                      ("temperature", "temperature .* is never quantized"),
+                      ("attn_prob", "unknown name 'attn_prob'; choose from input, embed")):
+      with pytest.raises(ValueError, match=msg):
+        QuantConfig(keep_float=f"head,{name}")
+
+  def test_keep_float_weights_keeps_kernels_float(self):
+    w = jax.random.normal(jax.random.key(1), (16, 8))
+    q = quantize_weight(w, W8A8)
+    self.assertFalse(np.array_equal(np.asarray(q), np.asarray(w)))
+    f = quantize_weight(w, dataclasses.replace(W8A8, keep_float=("weights",)))
+    np.testing.assert_array_equal(f, w)
 
   def test_validation_errors(self):
     cases = [
@@ -95,8 +110,8 @@ class ActQuantTest(chex.TestCase):
     self.x = jax.random.normal(jax.random.key(0), (4, 8, 16)) * 2.0 + 0.5
 
   def test_disabled_is_identity_without_variables(self):
-    for cfg in (None, QuantConfig(enabled=False), dataclasses.replace(W8A8, keep_float=("p",))):
-      m = ActQuant(cfg, point="p")
+    for cfg in (None, QuantConfig(enabled=False), dataclasses.replace(W8A8, keep_float=("resid",))):
+      m = ActQuant(cfg, point="resid")
       variables = m.init(jax.random.key(0), self.x)
       self.assertEqual(jax.tree.leaves(variables), [])
       y = m.apply(variables, self.x)
@@ -133,7 +148,51 @@ class ActQuantTest(chex.TestCase):
       ref = est.running_minmax(ref, x, 0.9)
     self.assertEqual(int(stats["count"]), 3)
     np.testing.assert_allclose([stats["x_min"], stats["x_max"]],
-                               [min(float(ref.x_min), 0.0), float(ref.x_max)], rtol=1e-6)
+                               [float(ref.x_min), float(ref.x_max)], rtol=1e-6)
+
+  def test_running_minmax_averages_raw_extremes_not_the_zero_widened_range(self):
+    # batch 1 lies in [1, 2] (its range widened to include 0 would be [0, 2]); batch 2 in
+    # [-1, 4]. EMA of the raw extremes: min 0.9 * 1 + 0.1 * -1 = 0.8, max 0.9 * 2 + 0.1 * 4 =
+    # 2.2, so the grid is [0, 2.2]. Averaging the widened range would give min -0.1.
+    b1 = jnp.array([1.0, 1.5, 2.0])
+    b2 = jnp.array([-1.0, 0.0, 4.0])
+    m = ActQuant(W8A8, point="p")
+    stats = _calibrate(m, m.init(jax.random.key(0), b1), b1, b2)
+    s = stats[QUANT_STATS]
+    np.testing.assert_allclose([s["x_min"], s["x_max"]], [0.8, 2.2], rtol=1e-6)
+    y = _apply(m, stats, jnp.array([-0.05, 0.0, 2.2]))
+    # grid [0, 2.2]: -0.05 clips to exactly 0 (with min -0.1 it would be representable)
+    np.testing.assert_array_equal(np.asarray(y)[:2], [0.0, 0.0])
+    np.testing.assert_allclose(float(y[2]), 2.2, rtol=1e-6)
+
+  def test_valid_mask_excludes_entries_from_every_estimator(self):
+    # the masked entries (think: padding after end-of-text) hold the extremes; with the mask
+    # the range is that of the counted entries only, for every estimator and per token
+    x = jnp.concatenate([self.x[:, :6], 100.0 + jnp.zeros_like(self.x[:, 6:])], axis=1)
+    valid = (jnp.arange(x.shape[1]) < 6)[None, :, None]
+    kept = x[:, :6]
+    for name, expected in (
+        ("minmax", est.minmax(kept)),
+        ("running_minmax", est.minmax(kept)),
+        ("percentile", est.percentile(kept, 99.0)),
+        ("mse", est.mse_range(kept, 8))):
+      cfg = dataclasses.replace(W8A8, estimator=name, percentile=99.0)
+      m = ActQuant(cfg, point="p")
+      variables = m.init(jax.random.key(0), x)
+      _, upd = jax.jit(lambda v, x: m.apply(v, x, valid, mutable=[QUANT_STATS]))(variables, x)
+      s = upd[QUANT_STATS]
+      np.testing.assert_allclose([s["x_min"], s["x_max"]], np.asarray(expected), rtol=1e-5,
+                                 err_msg=name)
+      # the dynamic fallback of an uncalibrated quantizer uses the mask too
+      y = jax.jit(lambda v, x: m.apply(v, x, valid))(variables, x)
+      lo, hi = est.minmax(kept)
+      np.testing.assert_allclose(y[:, :6], fake_quant(kept, lo, hi, 8), rtol=1e-6, atol=1e-6)
+    cfg = dataclasses.replace(W8A8, act_granularity="per_token")
+    m = ActQuant(cfg, point="p")
+    where = jnp.arange(x.shape[-1]) < 10  # per-token range over the first 10 channels
+    y = m.apply({}, x, where)
+    lo, hi = est.minmax(x[..., :10], axis=-1, keepdims=True)
+    np.testing.assert_allclose(y, fake_quant(x, lo, hi, 8), rtol=1e-6, atol=1e-6)
 
   def test_other_estimators_over_batches(self):
     batches = [self.x, self.x * 3.0 + 1.0]
@@ -150,9 +209,12 @@ class ActQuantTest(chex.TestCase):
     m = ActQuant(W8A8, point="p")
     x = jnp.abs(self.x) + 3.0  # all positive
     stats = _calibrate(m, m.init(jax.random.key(0), x), x)
-    self.assertEqual(float(stats[QUANT_STATS]["x_min"]), 0.0)
-    y = _apply(m, stats, jnp.array([0.0, 1.0]))
+    lo, hi = float(stats[QUANT_STATS]["x_min"]), float(stats[QUANT_STATS]["x_max"])
+    self.assertGreater(lo, 3.0)  # the stored statistic is raw; the grid adds 0
+    y = _apply(m, stats, jnp.array([0.0, 1.0, hi]))
     self.assertEqual(float(y[0]), 0.0)
+    np.testing.assert_allclose(float(y[1]), round(1.0 / (hi / 255)) * hi / 255, rtol=1e-6)
+    np.testing.assert_allclose(float(y[2]), hi, rtol=1e-6)
 
   def test_missing_stats_error(self):
     m = ActQuant(W8A8, point="attn_probs")
@@ -355,3 +417,30 @@ class QLayerNormTest(chex.TestCase):
     bias = variables["params"]["bias"]
     np.testing.assert_allclose(y_noq, (y_f - bias) / scale * sq + bias, rtol=1e-4, atol=1e-5)
     self.assertLess(_rel_err(y, y_f), 0.02)
+
+
+def test_gated_context_is_quantized_after_the_gate():
+  """The output projection's input is the gated context on the 8-bit grid: at most 256
+  distinct values (quantizing before the float gate left it a float tensor)."""
+  from qtx.nn.attention import AttentionConfig, MultiHeadAttention
+  x = jax.random.normal(jax.random.key(0), (4, 12, 16))
+  for gate in ("linear", "mlp", "all_heads_linear"):
+    mha = MultiHeadAttention(4, AttentionConfig(gate=gate), quant=W8A8)
+    v = nn.meta.unbox(mha.init(jax.random.key(1), x))
+    _, upd = mha.apply(v, x, mutable=[QUANT_STATS])
+    seen = []
+
+    def grab(next_fun, args, kwargs, context):
+      if context.module.name == "out" and context.method_name == "__call__":
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+      mha.apply({"params": v["params"], **upd}, x)
+    ctx = np.asarray(seen[0])
+    assert len(np.unique(ctx)) <= 256, (gate, len(np.unique(ctx)))
+    # and the grid is the calibrated range of the gated context
+    s = upd[QUANT_STATS]["context_quant"]
+    grid = quant_grid(s["x_min"], s["x_max"], 8)
+    q = ctx / np.asarray(grid.scale) + np.asarray(grid.zero_point)
+    np.testing.assert_allclose(q, np.round(q), atol=2e-3)

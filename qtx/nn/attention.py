@@ -3,8 +3,9 @@
 scores = scale * q.k  ->  normalizer  ->  P.V  ->  (gate)  ->  output projection.
 
 Quantization points (active only when a QuantConfig is enabled): q/k/v/out linear outputs,
-the scores (normalizer input), the probabilities (normalizer output) and the context P.V.
-Gates and their parameters stay in float (Bondarenko et al. 2023, section 4.2).
+the scores (normalizer input), the probabilities (normalizer output) and the context P.V (after
+the gate, when there is one: it is the input of the output projection). Gates and their
+parameters stay in float (Bondarenko et al. 2023, section 4.2).
 """
 from __future__ import annotations
 
@@ -144,7 +145,10 @@ class MultiHeadAttention(nn.Module):
   quant: Optional[QuantConfig] = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
+  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None, valid_BxT=None):
+    """valid_BxT: optional bool mask of the query tokens the tower's output depends on; the
+    quantization ranges are taken over them (and, for scores and probabilities, over the keys
+    each row attends) only. It changes no value of the float computation."""
     B, T, D = x_BxTxD.shape
     H = self.num_heads
     if D % H:
@@ -159,9 +163,15 @@ class MultiHeadAttention(nn.Module):
                         nn.initializers.lecun_normal(), ("embed", "heads")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)))
 
-    q_BxTxHxK = proj("query")(x_BxTxD).reshape(B, T, H, K)
-    k_BxSxHxK = proj("key")(x_BxTxD).reshape(B, T, H, K)
-    v_BxSxHxK = proj("value")(x_BxTxD).reshape(B, T, H, K)
+    v_tok = None if valid_BxT is None else valid_BxT[:, :, None]
+    q_BxTxHxK = proj("query")(x_BxTxD, v_tok).reshape(B, T, H, K)
+    k_BxSxHxK = proj("key")(x_BxTxD, v_tok).reshape(B, T, H, K)
+    v_BxSxHxK = proj("value")(x_BxTxD, v_tok).reshape(B, T, H, K)
+    where = _mask(T, T, self.causal, key_mask_BxS)
+    valid_scores = where
+    if valid_BxT is not None:
+      rows = valid_BxT[:, None, :, None]
+      valid_scores = rows if where is None else where & rows
     n_keys = _row_key_counts(T, T, self.causal, key_mask_BxS)
     if norm.normalize_qk:
       q_BxTxHxK = _l2_normalize(q_BxTxHxK)
@@ -187,8 +197,8 @@ class MultiHeadAttention(nn.Module):
       scale = norm.score_scale(K, n_keys)
       s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
           scale, jnp.float32).astype(q_BxTxHxK.dtype)
-      s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(s_BxHxTxS)
-      where = _mask(T, T, self.causal, key_mask_BxS)
+      s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
+          s_BxHxTxS, valid_scores)
       if pallas:
         from qtx import kernels
         p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, gamma=gamma, zeta=cfg.zeta)
@@ -196,20 +206,23 @@ class MultiHeadAttention(nn.Module):
         p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys)
       p_BxHxTxS = p_BxHxTxS.astype(self.dtype)
       self.sow("intermediates", "attn_probs", p_BxHxTxS)
-      p_BxHxTxS = ActQuant(cfg=self.quant, point="attn_probs", name="probs_quant")(p_BxHxTxS)
+      p_BxHxTxS = ActQuant(cfg=self.quant, point="attn_probs", name="probs_quant")(
+          p_BxHxTxS, valid_scores)
       ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
-    ctx_BxTxHxK = ActQuant(cfg=self.quant, point="attn_context", name="context_quant")(
-        ctx_BxTxHxK)
     if cfg.gate != "none":
+      # The gate is computed and applied in float; the gated context is what enters the
+      # output projection, so it is the tensor quantized (Bondarenko et al. 2023, sec. 4.2).
       gate_BxTxH = HeadGate(cfg.gate, H, cfg.gate_hidden, cfg.gate_pi_init, name="gate")(x_BxTxD)
       ctx_BxTxHxK = ctx_BxTxHxK * gate_BxTxH[..., None].astype(ctx_BxTxHxK.dtype)
+    ctx_BxTxHxK = ActQuant(cfg=self.quant, point="attn_context", name="context_quant")(
+        ctx_BxTxHxK, None if valid_BxT is None else valid_BxT[:, :, None, None])
     ctx_BxTxD = nn.with_logical_constraint(ctx_BxTxHxK.reshape(B, T, D),
                                            ("batch", "length", "act_heads"))
     return QDense(D, dtype=self.dtype, cfg=self.quant, name="out",
                   kernel_init=nn.with_logical_partitioning(
                       nn.initializers.lecun_normal(), ("heads", "embed")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-                      ctx_BxTxD)
+                      ctx_BxTxD, v_tok)
 
 
 def _l2_normalize(x, eps=1e-6):

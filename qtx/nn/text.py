@@ -12,6 +12,12 @@ from qtx.nn.transformer import Encoder, layer_norm
 from qtx.quant.layers import ActQuant, QDense, QuantConfig
 
 
+def valid_tokens(tokens_BxT):
+  """B x T bool: True up to and including each row's end-of-text token (its highest id)."""
+  eot = jnp.argmax(tokens_BxT, axis=-1)
+  return jnp.arange(tokens_BxT.shape[1])[None, :] <= eot[:, None]
+
+
 class TextTower(nn.Module):
   vocab_size: int
   context_length: int
@@ -37,13 +43,16 @@ class TextTower(nn.Module):
         nn.initializers.normal(0.02), ("vocab", "embed")), (self.vocab_size, self.width))
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), ("length", "embed")), (T, self.width))
+    eot = jnp.argmax(tokens_BxT, axis=-1)
+    # Tokens after the end-of-text token never reach the pooled output (causal attention):
+    # quantization ranges are calibrated on the others only.
+    valid_BxT = valid_tokens(tokens_BxT)
     x = jnp.take(emb, tokens_BxT, axis=0).astype(self.dtype) + pos.astype(self.dtype)
-    x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x)
+    x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x, valid_BxT[:, :, None])
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=True,
                 dtype=self.dtype, quant=self.quant, scan=self.scan, remat=self.remat,
-                activation=self.activation, name="encoder")(x, None, step)
-    x = layer_norm(self.quant, self.dtype, "ln_final")(x)
-    eot = jnp.argmax(tokens_BxT, axis=-1)
+                activation=self.activation, name="encoder")(x, None, step, valid_BxT)
+    x = layer_norm(self.quant, self.dtype, "ln_final")(x, valid_BxT[:, :, None])
     pooled = x[jnp.arange(B), eot].astype(jnp.float32)
     keep_head = self.quant is None or "head" in self.quant.keep_float
     init = nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),

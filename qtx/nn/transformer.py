@@ -36,19 +36,21 @@ class Mlp(nn.Module):
   activation: str = "gelu_tanh"
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, valid_BxTx1=None):
     D = x_BxTxD.shape[-1]
     h = QDense(self.mlp_dim, dtype=self.dtype, cfg=self.quant, name="fc1",
                kernel_init=nn.with_logical_partitioning(
                    nn.initializers.lecun_normal(), ("embed", "mlp")),
-               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BxTxD)
+               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(
+                   x_BxTxD, valid_BxTx1)
     h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
     h = activation_fn(self.activation)(h)
-    h = ActQuant(cfg=self.quant, point="mlp_act", name="act_quant")(h)
+    h = ActQuant(cfg=self.quant, point="mlp_act", name="act_quant")(h, valid_BxTx1)
     return QDense(D, dtype=self.dtype, cfg=self.quant, name="fc2",
                   kernel_init=nn.with_logical_partitioning(
                       nn.initializers.lecun_normal(), ("mlp", "embed")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+                      h, valid_BxTx1)
 
 
 def layer_norm(quant, dtype, name):
@@ -58,7 +60,12 @@ def layer_norm(quant, dtype, name):
 
 
 class Block(nn.Module):
-  """x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+  valid_BxT (optional, bool): the tokens the tower's output can depend on (the text tower's
+  tokens up to its end-of-text token). Quantization ranges are taken over these tokens only;
+  the computation itself does not change.
+  """
   num_heads: int
   mlp_dim: int
   attention: AttentionConfig = AttentionConfig()
@@ -68,16 +75,17 @@ class Block(nn.Module):
   activation: str = "gelu_tanh"
 
   @nn.compact
-  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
+  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None, valid_BxT=None):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-    y = layer_norm(self.quant, self.dtype, "ln_1")(x_BxTxD)
+    v = None if valid_BxT is None else valid_BxT[:, :, None]
+    y = layer_norm(self.quant, self.dtype, "ln_1")(x_BxTxD, v)
     y = MultiHeadAttention(self.num_heads, self.attention, self.causal, self.dtype, self.quant,
-                           name="attn")(y, key_mask_BxS, step)
-    x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_1_quant")(x_BxTxD + y)
-    y = layer_norm(self.quant, self.dtype, "ln_2")(x_BxTxD)
-    y = Mlp(self.mlp_dim, self.dtype, self.quant, self.activation, name="mlp")(y)
+                           name="attn")(y, key_mask_BxS, step, valid_BxT)
+    x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_1_quant")(x_BxTxD + y, v)
+    y = layer_norm(self.quant, self.dtype, "ln_2")(x_BxTxD, v)
+    y = Mlp(self.mlp_dim, self.dtype, self.quant, self.activation, name="mlp")(y, v)
     self.sow("intermediates", "ffn_out", y)
-    x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_2_quant")(x_BxTxD + y)
+    x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_2_quant")(x_BxTxD + y, v)
     self.sow("intermediates", "block_out", x_BxTxD)
     return x_BxTxD
 
@@ -87,8 +95,8 @@ class _ScanBlock(nn.Module):
   block_kwargs: Any
 
   @nn.compact
-  def __call__(self, x, key_mask_BxS, step):
-    return Block(**dict(self.block_kwargs), name="block")(x, key_mask_BxS, step), None
+  def __call__(self, x, key_mask_BxS, step, valid_BxT):
+    return Block(**dict(self.block_kwargs), name="block")(x, key_mask_BxS, step, valid_BxT), None
 
 
 def _remat_policy(name):
@@ -118,7 +126,7 @@ class Encoder(nn.Module):
   activation: str = "gelu_tanh"
 
   @nn.compact
-  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None):
+  def __call__(self, x_BxTxD, key_mask_BxS=None, step=None, valid_BxT=None):
     activation_fn(self.activation)  # validate early
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, attention=self.attention,
               causal=self.causal, dtype=self.dtype, quant=self.quant,
@@ -129,14 +137,15 @@ class Encoder(nn.Module):
       if self.remat != "none":
         body = nn.remat(body, policy=policy, prevent_cse=False)
       stack = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "quant_stats": 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                      split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                       length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxTxD, _ = stack(block_kwargs=tuple(kw.items()), name="blocks")(
-          x_BxTxD, key_mask_BxS, step)
+          x_BxTxD, key_mask_BxS, step, valid_BxT)
       return x_BxTxD
     block = Block
     if self.remat != "none":
       block = nn.remat(Block, policy=policy, static_argnums=())
     for i in range(self.depth):
-      x_BxTxD = block(**kw, name=f"block_{i}")(x_BxTxD, key_mask_BxS, step)
+      x_BxTxD = block(**kw, name=f"block_{i}")(x_BxTxD, key_mask_BxS, step, valid_BxT)
     return x_BxTxD

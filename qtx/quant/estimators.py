@@ -57,22 +57,34 @@ def reduction_axes(ndim: int, granularity: str, channel_axis: int = -1) -> tuple
   return (ndim - 1,)
 
 
-def minmax(x, axis: Axis = None, keepdims: bool = False):
-  """(min, max) of x over axis (all axes when None)."""
+def minmax(x, axis: Axis = None, keepdims: bool = False, where=None):
+  """(min, max) of x over axis (all axes when None).
+
+  where: optional boolean mask broadcastable to x (True = counted), e.g. the real tokens of a
+  padded text batch or the keys a causal row attends; a slice with no counted entry gets
+  (0, 0).
+  """
   x = _f32(x)
-  return jnp.min(x, axis=axis, keepdims=keepdims), jnp.max(x, axis=axis, keepdims=keepdims)
+  if where is None:
+    return jnp.min(x, axis=axis, keepdims=keepdims), jnp.max(x, axis=axis, keepdims=keepdims)
+  w = jnp.broadcast_to(where, x.shape)
+  lo = jnp.min(jnp.where(w, x, jnp.inf), axis=axis, keepdims=keepdims)
+  hi = jnp.max(jnp.where(w, x, -jnp.inf), axis=axis, keepdims=keepdims)
+  return jnp.where(jnp.isfinite(lo), lo, 0.0), jnp.where(jnp.isfinite(hi), hi, 0.0)
 
 
 def running_minmax(state: RangeState | None, x, momentum: float = 0.9, axis: Axis = None,
-                   keepdims: bool = False) -> RangeState:
+                   keepdims: bool = False, where=None) -> RangeState:
   """EMA of batch extremes: new = momentum * old + (1 - momentum) * batch.
 
   state None (or state.count == 0, which works under jit) means the batch initialises the
-  range. Returns the new RangeState with count incremented.
+  range. The state holds the raw extremes (not widened to include 0; the quantization grid
+  does that when the range is used). Returns the new RangeState with count incremented.
+  where: as in `minmax`.
   """
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
-  b_min, b_max = minmax(x, axis, keepdims)
+  b_min, b_max = minmax(x, axis, keepdims, where)
   if state is None:
     return RangeState(b_min, b_max, jnp.ones((), jnp.int32))
   first = state.count == 0
@@ -95,16 +107,21 @@ def _lerp(a, b, t: float):
   return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
 
 
-def percentile(x, q: float = 99.99, axis: Axis = None, keepdims: bool = False):
+def percentile(x, q: float = 99.99, axis: Axis = None, keepdims: bool = False, where=None):
   """(percentile 100 - q, percentile q) of x over axis.
 
   Linear interpolation between order statistics, exactly numpy's default method; positions
   are computed in Python float64 and only the needed order statistics are gathered with
   top_k, so q = 99.99 on a large tensor costs a small top_k, not a full sort.
+  where: optional boolean mask broadcastable to x; the percentiles are those of the counted
+  entries only (numpy's percentile of x[where]). With a mask the count is data-dependent, so
+  the slice is sorted once and the order statistics are gathered at traced positions.
   """
   if not 50.0 <= q <= 100.0:
     raise ValueError(f"percentile q={q!r} must be in [50, 100]")
   x = _f32(x)
+  if where is not None:
+    return _masked_percentile(x, jnp.broadcast_to(where, x.shape), q, axis, keepdims)
   flat, axes = _move_to_last(x, axis)
   n = flat.shape[-1]
 
@@ -128,26 +145,52 @@ def percentile(x, q: float = 99.99, axis: Axis = None, keepdims: bool = False):
   return lo, hi
 
 
+def _masked_percentile(x, w, q, axis, keepdims):
+  flat, axes = _move_to_last(x, axis)
+  wf, _ = _move_to_last(w, axis)
+  srt = jnp.sort(jnp.where(wf, flat, jnp.inf), axis=-1)  # counted entries first, ascending
+  n = jnp.sum(wf, axis=-1, keepdims=True)
+  last = jnp.maximum(n - 1, 0)
+
+  def at(frac):
+    pos = frac * last.astype(jnp.float32)
+    i = jnp.minimum(jnp.floor(pos).astype(jnp.int32), last)
+    j = jnp.minimum(i + 1, last)
+    a = jnp.take_along_axis(srt, i, axis=-1)[..., 0]
+    b = jnp.take_along_axis(srt, j, axis=-1)[..., 0]
+    t = (pos - i.astype(jnp.float32))[..., 0]
+    v = jnp.where(t < 0.5, a + (b - a) * t, b - (b - a) * (1.0 - t))
+    return jnp.where(n[..., 0] > 0, v, 0.0)
+
+  hi, lo = at(q / 100.0), at((100.0 - q) / 100.0)
+  if keepdims:
+    shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    lo, hi = lo.reshape(shape), hi.reshape(shape)
+  return lo, hi
+
+
 def mse_range(x, num_bits: int = 8, symmetric: bool = False, num_candidates: int = 100,
-              axis: Axis = None, keepdims: bool = False):
+              axis: Axis = None, keepdims: bool = False, where=None):
   """Range alpha * (min, max) minimising the squared quantization error of x.
 
   alpha runs over 1, 1 - 1/N, ..., 1/N (N = num_candidates); ties keep the larger alpha, so
   the result never exceeds the min-max range. With axis set, every slice (e.g. every output
   channel of a weight) picks its own alpha. Candidates are scanned sequentially, so memory
-  stays at a few copies of x.
+  stays at a few copies of x. where: optional boolean mask broadcastable to x; only the
+  counted entries enter the range and the error.
   """
   validate_bits(num_bits)
   if num_candidates < 1:
     raise ValueError(f"num_candidates={num_candidates!r} must be >= 1")
   x = _f32(x)
-  x_min, x_max = minmax(x, axis, keepdims=True)
+  w = None if where is None else jnp.broadcast_to(where, x.shape)
+  x_min, x_max = minmax(x, axis, keepdims=True, where=w)
   alphas = 1.0 - jnp.arange(num_candidates, dtype=x.dtype) / num_candidates
 
   def step(carry, alpha):
     best_err, best_alpha = carry
-    err = jnp.sum(jnp.square(x - fake_quant(x, alpha * x_min, alpha * x_max, num_bits,
-                                            symmetric)), axis=axis, keepdims=True)
+    sq = jnp.square(x - fake_quant(x, alpha * x_min, alpha * x_max, num_bits, symmetric))
+    err = jnp.sum(sq if w is None else jnp.where(w, sq, 0.0), axis=axis, keepdims=True)
     better = err < best_err
     return (jnp.where(better, err, best_err), jnp.where(better, alpha, best_alpha)), None
 

@@ -31,6 +31,15 @@ from qtx.quant.fake_quant import fake_quant, validate_bits
 QUANT_STATS = "quant_stats"
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
+# Activation quantization points (the `point` of every ActQuant the model places).
+ACT_POINTS = ("input", "embed", "attn_scores", "attn_probs", "attn_context", "resid", "mlp_act",
+              "linear_out", "ln_out")
+# Names quant.keep_float accepts: an activation point, 'weights' (every kernel and LayerNorm
+# scale) or 'head' (the towers' final projections, weights and all).
+KEEP_FLOAT_NAMES = ACT_POINTS + ("weights", "head")
+# Always float whatever the config says, so listing them would promise nothing.
+_ALWAYS_FLOAT = {"gates": "attention gates are always computed in float",
+                 "temperature": "the temperature (and SigLIP bias) is never quantized"}
 # Keys of the `quant` config block that belong to drivers (calibration loop, training loop),
 # not to the quantizers themselves.
 DRIVER_KEYS = ("calib_batches", "outliers_every_steps", "ablate")
@@ -47,8 +56,8 @@ class QuantConfig:
   estimator: activation range estimator: minmax | running_minmax | percentile | mse; with 'mse'
     weights use the MSE search as well, otherwise weights use min-max.
   percentile: q of the percentile estimator.  momentum: EMA momentum of running_minmax.
-  keep_float: names of points/modules kept in float (the model checks e.g. 'head', 'gates';
-    ActQuant skips a point whose name is listed).
+  keep_float: names kept in float, from KEEP_FLOAT_NAMES: an activation point (ActQuant
+    skips it), 'weights' (kernels and LayerNorm scales) or 'head' (the final projections).
   """
   enabled: bool = False
   weight_bits: int = 8
@@ -58,7 +67,7 @@ class QuantConfig:
   estimator: str = "running_minmax"
   percentile: float = 99.99
   momentum: float = 0.9
-  keep_float: tuple[str, ...] = ("head", "temperature", "gates")
+  keep_float: tuple[str, ...] = ("head",)
 
   def __post_init__(self):
     validate_bits(self.weight_bits)
@@ -74,6 +83,7 @@ class QuantConfig:
       object.__setattr__(self, "keep_float", _split_names(self.keep_float))
     else:
       object.__setattr__(self, "keep_float", tuple(self.keep_float))
+    check_keep_float(self.keep_float)
 
   @classmethod
   def from_config(cls, c: Mapping[str, Any] | None) -> "QuantConfig":
@@ -104,6 +114,17 @@ class QuantConfig:
     return self.enabled and name not in self.keep_float
 
 
+def check_keep_float(names) -> None:
+  """Raises ValueError for a quant.keep_float name that nothing would read."""
+  for n in names:
+    if n in _ALWAYS_FLOAT:
+      raise ValueError(f"quant.keep_float: {_ALWAYS_FLOAT[n]}, so {n!r} would change nothing; "
+                       f"remove it (accepted names: {', '.join(KEEP_FLOAT_NAMES)})")
+    if n not in KEEP_FLOAT_NAMES:
+      raise ValueError(f"quant.keep_float: unknown name {n!r}; choose from "
+                       f"{', '.join(KEEP_FLOAT_NAMES)}")
+
+
 def _check_choice(key, value, choices):
   if value not in choices:
     raise ValueError(f"unknown quant.{key} {value!r}; choose one of {choices}")
@@ -131,15 +152,14 @@ def quantize_weight(w, cfg: QuantConfig | None, channel_axis: int = -1):
   return fake_quant(w, x_min, x_max, cfg.weight_bits, symmetric=True)
 
 
-def _act_batch_range(x, cfg: QuantConfig):
-  """Per-tensor range of one calibration batch for cfg.estimator (widened to include 0)."""
+def _act_batch_range(x, cfg: QuantConfig, where=None):
+  """Raw per-tensor range of one calibration batch for cfg.estimator over the entries `where`
+  counts (all when None). Not widened to include 0: the quantization grid does that."""
   if cfg.estimator == "percentile":
-    lo, hi = est.percentile(x, cfg.percentile)
-  elif cfg.estimator == "mse":
-    lo, hi = est.mse_range(x, cfg.act_bits, symmetric=False)
-  else:
-    lo, hi = est.minmax(x)
-  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    return est.percentile(x, cfg.percentile, where=where)
+  if cfg.estimator == "mse":
+    return est.mse_range(x, cfg.act_bits, symmetric=False, where=where)
+  return est.minmax(x, where=where)
 
 
 class ActQuant(nn.Module):
@@ -152,21 +172,27 @@ class ActQuant(nn.Module):
         running_minmax: EMA with cfg.momentum, first batch initialises;
         minmax: min / max over all calibration batches seen;
         percentile, mse: mean over calibration batches of the per-batch estimate.
-      During `init` the variables are only created (count stays 0).
+      The stored range is the raw statistic (an EMA of raw batch extremes, not of ranges
+      already widened to include 0). During `init` the variables are only created.
     * collection read-only: x fake-quantized with the stored range. An uncalibrated quantizer
       (count == 0) falls back to the current input's min-max.
-  Ranges always include 0.
+  The quantization grid always widens the range to include 0.
+
+  valid: optional boolean mask broadcastable to x (True = an entry the model's output can
+  depend on). Ranges (calibrated or dynamic) are taken over these entries only, so the padding
+  after a text's end-of-text token, or the scores a causal row never attends, do not widen
+  them. Every entry is still quantized.
   """
   cfg: QuantConfig | None = None
   point: str = "act"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     cfg = self.cfg
     if not is_active(cfg) or not cfg.quantizes(self.point):
       return x
     if cfg.act_granularity == "per_token":
-      x_min, x_max = est.minmax(x, axis=-1, keepdims=True)
+      x_min, x_max = est.minmax(jax.lax.stop_gradient(x), axis=-1, keepdims=True, where=valid)
       return fake_quant(x, x_min, x_max, cfg.act_bits, symmetric=False)
 
     if not self.is_mutable_collection(QUANT_STATS) and not self.has_variable(
@@ -183,18 +209,18 @@ class ActQuant(nn.Module):
       if self.is_initializing():
         return x
       xs = jax.lax.stop_gradient(x)
-      b_min, b_max = _act_batch_range(xs, cfg)
       count = v_cnt.value
       first = count == 0
       if cfg.estimator == "running_minmax":
         state = est.running_minmax(est.RangeState(v_min.value, v_max.value, count), xs,
-                                   cfg.momentum)
-        new_min = jnp.minimum(state.x_min, 0.0)
-        new_max = jnp.maximum(state.x_max, 0.0)
+                                   cfg.momentum, where=valid)
+        new_min, new_max = state.x_min, state.x_max
       elif cfg.estimator == "minmax":
+        b_min, b_max = _act_batch_range(xs, cfg, valid)
         new_min = jnp.where(first, b_min, jnp.minimum(v_min.value, b_min))
         new_max = jnp.where(first, b_max, jnp.maximum(v_max.value, b_max))
       else:
+        b_min, b_max = _act_batch_range(xs, cfg, valid)
         w = 1.0 / (count + 1).astype(jnp.float32)
         new_min = v_min.value + w * (b_min - v_min.value)
         new_max = v_max.value + w * (b_max - v_max.value)
@@ -204,7 +230,7 @@ class ActQuant(nn.Module):
       return x
 
     calibrated = v_cnt.value > 0
-    d_min, d_max = est.minmax(jax.lax.stop_gradient(x))
+    d_min, d_max = est.minmax(jax.lax.stop_gradient(x), where=valid)
     x_min = jnp.where(calibrated, v_min.value, d_min)
     x_max = jnp.where(calibrated, v_max.value, d_max)
     return fake_quant(x, x_min, x_max, cfg.act_bits, symmetric=False)
@@ -216,8 +242,8 @@ class QDense(nn.Module):
   Params are named exactly like nn.Dense's ('kernel' (in, features), 'bias' (features,)), so
   checkpoints are interchangeable. kernel_init / bias_init may be wrapped with
   nn.with_logical_partitioning. The bias stays in float. The input is assumed to be quantized
-  by the preceding point; the output goes through ActQuant(point='out') when
-  quantize_output is set.
+  by the preceding point; the output goes through ActQuant(point='linear_out') when
+  quantize_output is set (`valid` is passed on to it).
   """
   features: int
   use_bias: bool = True
@@ -230,7 +256,7 @@ class QDense(nn.Module):
   quantize_output: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,),
@@ -242,7 +268,7 @@ class QDense(nn.Module):
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     if self.quantize_output:
-      y = ActQuant(self.cfg, point="linear_out", name="out_quant")(y)
+      y = ActQuant(self.cfg, point="linear_out", name="out_quant")(y, valid)
     return y
 
 
@@ -264,7 +290,7 @@ class QLayerNorm(nn.Module):
   quantize_output: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     features = jnp.shape(x)[-1]
     x32 = jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -282,5 +308,5 @@ class QLayerNorm(nn.Module):
     out_dtype = self.dtype or nn.dtypes.canonicalize_dtype(x, dtype=None)
     y = y.astype(out_dtype)
     if self.quantize_output:
-      y = ActQuant(self.cfg, point="ln_out", name="out_quant")(y)
+      y = ActQuant(self.cfg, point="ln_out", name="out_quant")(y, valid)
     return y

@@ -4,7 +4,9 @@ For every monitored tensor (each block's output and each FFN output), per sequen
   inf_norm[b] = max |x[b]| over the flattened T x D tensor,
   kurtosis[b] = mean((x[b] - mu)^4) / var^2 over the same flattened tensor (non-excess;
                 Gaussian ~= 3, uniform ~= 1.8).
-Both are averaged over sequences (the whole validation set). Over tensors:
+Both are averaged over sequences (the whole validation set). For the text tower only the tokens
+up to the end-of-text token count (`valid_BxT`): the padding after it never reaches the output.
+Over tensors:
   max_inf_norm = max of the per-tensor mean inf-norms,
   avg_kurtosis = mean of the per-tensor mean kurtoses.
 
@@ -32,17 +34,22 @@ def _f32(x):
       x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 
-def kurtosis(x, axis=None, keepdims: bool = False):
+def kurtosis(x, axis=None, keepdims: bool = False, where=None):
   """Non-excess kurtosis mean((x - mu)^4) / var^2 over axis (all axes when None).
 
   Computed in float32 (or wider). A constant slice (var == 0) has kurtosis 0 by definition
-  here, so that averages stay finite.
+  here, so that averages stay finite. where: optional boolean mask broadcastable to x; the
+  moments are those of the counted entries only.
   """
   x = _f32(x)
-  mu = jnp.mean(x, axis=axis, keepdims=True)
+  if where is not None:
+    where = jnp.broadcast_to(where, x.shape)
+  mu = jnp.mean(x, axis=axis, keepdims=True, where=where)
   d2 = jnp.square(x - mu)
-  var = jnp.mean(d2, axis=axis, keepdims=keepdims)
-  m4 = jnp.mean(jnp.square(d2), axis=axis, keepdims=keepdims)
+  if where is not None:
+    d2 = jnp.where(where, d2, 0.0)
+  var = jnp.mean(d2, axis=axis, keepdims=keepdims, where=where)
+  m4 = jnp.mean(jnp.square(d2), axis=axis, keepdims=keepdims, where=where)
   safe = jnp.where(var > 0, var, 1.0)
   return jnp.where(var > 0, m4 / jnp.square(safe), 0.0)
 
@@ -53,14 +60,32 @@ def _sequence_axes(x) -> tuple[int, ...]:
   return tuple(range(1, jnp.ndim(x)))
 
 
-def inf_norm_per_sequence(x_BxTxD):
-  """max |x| of every sequence over all non-batch axes -> B."""
-  return jnp.max(jnp.abs(_f32(x_BxTxD)), axis=_sequence_axes(x_BxTxD))
+def _token_mask(x, valid_BxT):
+  """valid_BxT (B x T bool) broadcast to x (B x T x ...), or None."""
+  if valid_BxT is None:
+    return None
+  v = jnp.asarray(valid_BxT, bool)
+  if v.shape != jnp.shape(x)[:2]:
+    raise ValueError(f"token mask of shape {v.shape} does not match the tensor's leading "
+                     f"(batch, tokens) dims {jnp.shape(x)[:2]}")
+  return jnp.broadcast_to(v.reshape(v.shape + (1,) * (jnp.ndim(x) - 2)), jnp.shape(x))
 
 
-def kurtosis_per_sequence(x_BxTxD):
-  """Kurtosis of every sequence over its flattened non-batch axes -> B."""
-  return kurtosis(x_BxTxD, axis=_sequence_axes(x_BxTxD))
+def inf_norm_per_sequence(x_BxTxD, valid_BxT=None):
+  """max |x| of every sequence over all non-batch axes -> B (only the tokens valid_BxT marks
+  when given)."""
+  a = jnp.abs(_f32(x_BxTxD))
+  w = _token_mask(x_BxTxD, valid_BxT)
+  if w is not None:
+    a = jnp.where(w, a, 0.0)
+  return jnp.max(a, axis=_sequence_axes(x_BxTxD))
+
+
+def kurtosis_per_sequence(x_BxTxD, valid_BxT=None):
+  """Kurtosis of every sequence over its flattened non-batch axes -> B (only the tokens
+  valid_BxT marks when given)."""
+  return kurtosis(x_BxTxD, axis=_sequence_axes(x_BxTxD),
+                  where=_token_mask(x_BxTxD, valid_BxT))
 
 
 def flatten_intermediates(tree: Mapping[str, Any], sep: str = "/",
@@ -104,11 +129,13 @@ def flatten_intermediates(tree: Mapping[str, Any], sep: str = "/",
 
 
 def per_sequence_stats(intermediates: Mapping[str, Any], scanned: Sequence[str] = (),
-                       include: Sequence[str] | None = None
+                       include: Sequence[str] | None = None, valid_BxT=None
                        ) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{name: (inf_norm_B, kurtosis_B)} for every tensor in (possibly nested) intermediates."""
+  """{name: (inf_norm_B, kurtosis_B)} for every tensor in (possibly nested) intermediates.
+  valid_BxT: optional B x T bool mask of the tokens that count (e.g. text up to end-of-text)."""
   flat = flatten_intermediates(intermediates, scanned=scanned, include=include)
-  return {k: (inf_norm_per_sequence(v), kurtosis_per_sequence(v)) for k, v in flat.items()}
+  return {k: (inf_norm_per_sequence(v, valid_BxT), kurtosis_per_sequence(v, valid_BxT))
+          for k, v in flat.items()}
 
 
 def _aggregate(means: Mapping[str, tuple[Any, Any]], xp) -> dict[str, Any]:
@@ -124,14 +151,14 @@ def _aggregate(means: Mapping[str, tuple[Any, Any]], xp) -> dict[str, Any]:
 
 
 def summarize(intermediates: Mapping[str, Any], scanned: Sequence[str] = (),
-              include: Sequence[str] | None = None) -> dict[str, jax.Array]:
+              include: Sequence[str] | None = None, valid_BxT=None) -> dict[str, jax.Array]:
   """Outlier summary of one batch (jittable).
 
   Returns 'inf_norm/<name>' and 'kurtosis/<name>' (means over the sequences of the batch),
   'max_inf_norm' (max over tensors) and 'avg_kurtosis' (mean over tensors). `scanned` and
-  `include` as in flatten_intermediates.
+  `include` as in flatten_intermediates, `valid_BxT` as in per_sequence_stats.
   """
-  stats = per_sequence_stats(intermediates, scanned, include)
+  stats = per_sequence_stats(intermediates, scanned, include, valid_BxT)
   return _aggregate({k: (jnp.mean(i), jnp.mean(c)) for k, (i, c) in stats.items()}, jnp)
 
 
@@ -155,9 +182,10 @@ class OutlierAccumulator:
     self._sums: dict[str, np.ndarray] = {}
     self._counts: dict[str, int] = {}
 
-  def update(self, intermediates: Mapping[str, Any]) -> None:
+  def update(self, intermediates: Mapping[str, Any], valid_BxT=None) -> None:
+    """Adds one batch; valid_BxT as in per_sequence_stats."""
     stats = jax.device_get(_per_sequence_stats_jit(dict(intermediates), self.scanned,
-                                                   self.include))
+                                                   self.include, valid_BxT))
     for k, (inf, kurt) in stats.items():
       s = np.array([np.sum(inf, dtype=np.float64), np.sum(kurt, dtype=np.float64)])
       self._sums[k] = self._sums.get(k, np.zeros(2)) + s

@@ -44,7 +44,7 @@ from qtx import eval_run, evaluate, parallel, train
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP, build_model
-from qtx.quant.layers import QUANT_STATS, ActQuant, QDense, QLayerNorm, QuantConfig
+from qtx.quant.layers import ACT_POINTS, QUANT_STATS, ActQuant, QuantConfig
 
 # Keys of the `quant` block read by this driver only (QuantConfig must not see them).
 PTQ_KEYS = ("ablate",)
@@ -189,10 +189,8 @@ def quantized_metrics(model: CLIP, params, stats, task, batch_size: int, prefix:
 
 # ----------------------------------------------------------------------------- ablation
 
-# Classes of activation quantization points. Each is the ActQuant `point` name, except that the
-# outputs of QDense and QLayerNorm (both point 'out') are told apart by the module they sit in.
-ACT_CLASSES = ("input", "embed", "attn_scores", "attn_probs", "attn_context", "resid", "mlp_act",
-               "linear_out", "ln_out")
+# Classes of activation quantization points: the ActQuant `point` names.
+ACT_CLASSES = ACT_POINTS
 WEIGHTS = "weights"
 POINT_CLASSES = ACT_CLASSES + (WEIGHTS,)
 
@@ -205,12 +203,6 @@ def check_point_class(name: str) -> str:
 
 def act_point_class(module: ActQuant) -> str | None:
   """The ablation class of an activation quantizer (None: not in any class)."""
-  if module.point == "out":
-    if isinstance(module.parent, QDense):
-      return "linear_out"
-    if isinstance(module.parent, QLayerNorm):
-      return "ln_out"
-    return None
   return module.point if module.point in ACT_CLASSES else None
 
 
@@ -256,11 +248,9 @@ def keep_mask(names: Sequence[str]) -> np.ndarray:
 
 
 def float_weights_config(qcfg: QuantConfig) -> QuantConfig:
-  """qcfg with unquantized weights. `quantize_weight` takes no point name, so the weight grid
-  (also LayerNorm scales) goes to 16 bits (step absmax/32767: float for all purposes here), and
-  'weights' joins keep_float for a QuantConfig that honours it."""
+  """qcfg with float weights (kernels and LayerNorm scales): 'weights' joins keep_float."""
   keep = tuple(qcfg.keep_float) + (() if WEIGHTS in qcfg.keep_float else (WEIGHTS,))
-  return dataclasses.replace(qcfg, weight_bits=16, keep_float=keep)
+  return dataclasses.replace(qcfg, keep_float=keep)
 
 
 def ablate_points(config, params, task, qcfg: QuantConfig, stats=None,
