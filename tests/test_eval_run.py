@@ -8,7 +8,6 @@ import pytest
 from conftest import micro_config
 
 from qtx import eval_run, metrics, train
-from qtx.nn.clip import CLIP
 
 
 def _config(**kw):
@@ -82,12 +81,6 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained):
     eval_run.load_params(c, workdir)
 
 
-def _np_kurtosis(v):
-  v = np.asarray(v, np.float64).ravel()
-  d = v - v.mean()
-  return np.mean(d ** 4) / np.mean(d ** 2) ** 2
-
-
 def _stack_blocks(params_tower, depth):
   """Non-scan encoder params (block_<i>) -> nn.scan layout (blocks/block, leading layer axis)."""
   enc = dict(params_tower["encoder"])
@@ -96,9 +89,9 @@ def _stack_blocks(params_tower, depth):
   return {**params_tower, "encoder": enc}
 
 
-def test_outlier_metrics_equal_numpy_and_scan(trained):
-  """Streaming over padded batches equals per-sequence numpy statistics over all samples;
-  the nn.scan model gives the same names and values."""
+def test_outlier_metrics_scan_equals_unrolled(trained):
+  """The nn.scan model gives the same outlier names and values as the unrolled one (the values
+  themselves are checked against an independent numpy forward in test_clip_reference.py)."""
   c, workdir, _ = trained
   s = train.setup(c)
   params, _ = eval_run.load_params(_config(mode="eval"), workdir, s)
@@ -108,26 +101,7 @@ def test_outlier_metrics_equal_numpy_and_scan(trained):
   tokens[:, :4] = [49406, 320, 1125, 49407]
   tokens[1, 1:3] = [2368, 539]
   got = eval_run.outlier_metrics(s.model, params, images, tokens, batch_size=4)
-
-  want = {}
-  for tower, method, x in (("image", CLIP.encode_image, images),
-                           ("text", CLIP.encode_text, tokens)):
-    _, st = s.model.apply({"params": params}, x, method=method, mutable=["intermediates"])
-    enc = st["intermediates"]["visual" if tower == "image" else "textual"]["encoder"]
-    for layer, tensors in enc.items():
-      for t in ("block_out", "ffn_out"):
-        v = np.asarray(tensors[t][0], np.float64)
-        # text: only the tokens up to end-of-text (the padding never reaches the output)
-        n = [v.shape[1]] * len(v) if tower == "image" else list(np.argmax(x, -1) + 1)
-        rows = [b[:k] for b, k in zip(v, n)]
-        want[f"outliers/{tower}/inf_norm/{layer}/{t}"] = np.mean([np.abs(r).max() for r in rows])
-        want[f"outliers/{tower}/kurtosis/{layer}/{t}"] = np.mean([_np_kurtosis(r) for r in rows])
-  per_layer = {k: v for k, v in got.items() if "/inf_norm/" in k or "/kurtosis/" in k}
-  assert sorted(per_layer) == sorted(want)
-  for k, v in want.items():
-    np.testing.assert_allclose(got[k], v, rtol=2e-5, err_msg=k)
-  np.testing.assert_allclose(got["outliers/max_inf_norm"],
-                             max(v for k, v in want.items() if "/inf_norm/" in k), rtol=2e-5)
+  assert len([k for k in got if "/inf_norm/" in k]) == 2 * (2 + 1)  # 2 tensors x 3 blocks
 
   cs = _config(**{"model.scan": True})
   s_scan = train.setup(cs)

@@ -14,7 +14,7 @@ from qtx import checkpoint as ckpt_lib
 from qtx import metrics, train
 from qtx.nn.clip import build_model
 from qtx.quant import figures, ptq
-from qtx.quant.layers import QDense, QuantConfig, quantize_weight
+from qtx.quant.layers import QUANT_STATS, QDense, QLayerNorm, QuantConfig, quantize_weight
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -336,3 +336,50 @@ def test_text_padding_changes_no_calibration_range_or_outlier_statistic():
   for k in m0:
     if "/text/" in k:
       np.testing.assert_allclose(m0[k], m1[k], rtol=1e-6, err_msg=k)
+
+
+QUANT_POINTS_PER_BLOCK = {
+    "attn/context_quant", "attn/key/out_quant", "attn/out/out_quant", "attn/probs_quant",
+    "attn/query/out_quant", "attn/scores_quant", "attn/value/out_quant", "ln_1/out_quant",
+    "ln_2/out_quant", "mlp/act_quant", "mlp/fc1/out_quant", "mlp/fc2/out_quant",
+    "resid_1_quant", "resid_2_quant"}
+
+
+@pytest.mark.parametrize("preset", ["softmax", "gated"])
+def test_quantization_points_are_the_papers(preset):
+  """W8A8 quantizes exactly the paper's points (PAPERS.md section 1): every linear output, the
+  softmax input and output, P.V, both residual sums, every LayerNorm output and the
+  embeddings; gates and the heads stay float. And every linear layer and LayerNorm then reads
+  an 8-bit tensor (at most 256 distinct values), which a quantizer in the wrong place breaks."""
+  c = micro_config(preset, **{"model.image.depth": 1, "model.text.depth": 1})
+  model = build_model(c, quant=ptq.quant_config(c))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  tokens = np.zeros((4, 16), np.int32)
+  tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, rng.integers(1, 40000, (4, 5)), 49407
+  v = nn.meta.unbox(model.init(jax.random.key(0), images, tokens))
+  stats0 = {k: x for k, x in v.items() if k != "params"}
+  paths = {jax.tree_util.keystr(p, simple=True, separator="/").rsplit("/", 1)[0]
+           for p, _ in jax.tree_util.tree_leaves_with_path(stats0)}
+  block = {"/".join(p.split("/")[4:]) for p in paths if "/block_0/" in p}
+  assert block == QUANT_POINTS_PER_BLOCK
+  outside = {p.split("/", 1)[1] for p in paths if "/encoder/" not in p}
+  assert outside == {"visual/input_quant", "visual/patch_embed/out_quant", "visual/embed_quant",
+                     "visual/ln_pre/out_quant", "visual/ln_post/out_quant",
+                     "textual/embed_quant", "textual/ln_final/out_quant"}
+  _, upd = model.apply(v, images, tokens, mutable=[QUANT_STATS])
+  inputs = []
+
+  def grab(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, (QDense, QLayerNorm,
+                                                                         nn.Dense)):
+      inputs.append((context.module.path, np.asarray(args[0])))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    model.apply({"params": v["params"], **upd}, images, tokens)
+  # per tower: q, k, v, out, fc1, fc2, ln_1, ln_2 and the projection head; plus patch_embed,
+  # ln_pre, ln_post (image) and ln_final (text)
+  assert len(inputs) == 2 * (4 + 2 + 2 + 1) + 4
+  for path, x in inputs:
+    assert len(np.unique(x)) <= 256, ("/".join(path), len(np.unique(x)))

@@ -1,0 +1,145 @@
+"""The attention module against a numpy re-statement of the formulas (PAPERS.md sections 1, 3):
+per-row key counts N_i (i + 1 in a causal tower), clipped softmax's gamma = -alpha / N_i,
+softplus attention's q/k L2 normalisation, log(d) log(N_i) scale and re-weighting, and the three
+per-head gates, on random non-zero inputs where each of them changes the output."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtx.nn.attention import AttentionConfig, MultiHeadAttention
+
+B, T, D, H = 2, 7, 16, 4
+K = D // H
+
+
+def _np_norm(s, allowed, cfg):
+  """Normalised weights of scores s (B x H x T x T), allowed: bool T x T."""
+  n_i = allowed.sum(-1, keepdims=True).astype(np.float64)  # T x 1: keys row i sees
+  if cfg.normalizer in ("softmax", "clipped_softmax"):
+    e = np.where(allowed, np.exp(s - np.where(allowed, s, -np.inf).max(-1, keepdims=True)), 0)
+    p = e / e.sum(-1, keepdims=True)
+    if cfg.normalizer == "clipped_softmax":
+      gamma = -cfg.alpha / n_i if cfg.alpha is not None else cfg.gamma
+      p = np.where(allowed, np.clip((cfg.zeta - gamma) * p + gamma, 0, 1), 0)
+    return p
+  sp = np.where(allowed, np.log1p(np.exp(s)), 0)  # softplus; multiplicative mask
+  a = sp / (sp.sum(-1, keepdims=True) + cfg.softplus_eps)
+  o = np.where(n_i <= 1, 0.0, 1.0)
+  b = np.where(allowed, np.maximum(n_i * a - o, 0) ** cfg.softplus_p, 0)
+  tot = b.sum(-1, keepdims=True)
+  return b / np.where(tot > 0, tot, 1)
+
+
+def _np_gate(x, p, kind):
+  x = x.reshape(B, T, H, K) if kind != "all_heads_linear" else x
+  if kind == "linear":
+    logits = np.einsum("bthk,hk->bth", x, p["kernel"]) + p["bias"]
+  elif kind == "mlp":
+    h = np.maximum(np.einsum("bthk,hkn->bthn", x, p["hidden_kernel"]) + p["hidden_bias"], 0)
+    logits = np.einsum("bthn,hn->bth", h, p["kernel"]) + p["bias"]
+  else:
+    logits = x @ p["kernel"] + p["bias"]
+  return 1 / (1 + np.exp(-logits))
+
+
+def np_attention(x, params, cfg, causal):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+
+  def lin(name):
+    return (x @ p[name]["kernel"] + p[name]["bias"]).reshape(B, T, H, K).transpose(0, 2, 1, 3)
+
+  q, k, v = lin("query"), lin("key"), lin("value")
+  allowed = np.tril(np.ones((T, T), bool)) if causal else np.ones((T, T), bool)
+  n_i = allowed.sum(-1, keepdims=True).astype(np.float64)
+  if cfg.normalizer == "softplus":
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    scale = math.log(K) * np.log(np.maximum(n_i, 2))
+  else:
+    scale = 1 / math.sqrt(K)
+  s = q @ k.transpose(0, 1, 3, 2) * scale
+  ctx = (_np_norm(s, allowed, cfg) @ v).transpose(0, 2, 1, 3)  # B x T x H x K
+  if cfg.gate != "none":
+    ctx = ctx * _np_gate(x, p["gate"], cfg.gate)[..., None]
+  return ctx.reshape(B, T, D) @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+CASES = {
+    "softmax": AttentionConfig(),
+    "clipped_gamma": AttentionConfig(normalizer="clipped_softmax", gamma=-0.05),
+    "clipped_alpha": AttentionConfig(normalizer="clipped_softmax", alpha=1.0),
+    "clipped_alpha_zeta": AttentionConfig(normalizer="clipped_softmax", alpha=0.5, zeta=1.02),
+    "softplus_p1": AttentionConfig(normalizer="softplus", softplus_p=1.0),
+    "softplus_p3": AttentionConfig(normalizer="softplus", softplus_p=3.0),
+    "gate_linear": AttentionConfig(gate="linear", gate_pi_init=0.25),
+    "gate_mlp": AttentionConfig(gate="mlp", gate_hidden=3),
+    "gate_all_heads": AttentionConfig(gate="all_heads_linear"),
+    "clipped_alpha_gated": AttentionConfig(normalizer="clipped_softmax", alpha=1.0, gate="linear"),
+}
+
+
+def _module_and_params(cfg, causal, seed=0):
+  x = jax.random.normal(jax.random.key(seed), (B, T, D)) * 1.5
+  mha = MultiHeadAttention(H, cfg, causal=causal)
+  params = nn.meta.unbox(mha.init(jax.random.key(seed + 1), x)["params"])
+  # non-zero biases everywhere, so a gate or a bias that is ignored changes the result
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(7), a.shape), params)
+  return x, mha, params
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_equals_numpy_formulas(case, causal):
+  cfg = CASES[case]
+  x, mha, params = _module_and_params(cfg, causal)
+  got = np.asarray(mha.apply({"params": params}, x))
+  want = np_attention(x, params, cfg, causal)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_per_row_key_counts_matter_in_the_causal_tower():
+  """The reference is sensitive to N_i: with every row 'seeing' all T keys the clipped and
+  softplus probabilities differ from the true ones (so the test above pins N_i = i + 1)."""
+  for case in ("clipped_alpha", "softplus_p1"):
+    cfg = CASES[case]
+    x, mha, params = _module_and_params(cfg, True)
+    got = np.asarray(mha.apply({"params": params}, x))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64)
+
+    def lin(name):
+      return (xs @ p[name]["kernel"] + p[name]["bias"]).reshape(B, T, H, K).transpose(0, 2, 1, 3)
+
+    q, k, v = lin("query"), lin("key"), lin("value")
+    allowed = np.tril(np.ones((T, T), bool))
+    if cfg.normalizer == "softplus":
+      q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+      k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+      s = q @ k.transpose(0, 1, 3, 2) * math.log(K) * math.log(T)  # wrong: N = T for every row
+      sp = np.where(allowed, np.log1p(np.exp(s)), 0)
+      a = sp / (sp.sum(-1, keepdims=True) + cfg.softplus_eps)
+      b = np.where(allowed, np.maximum(T * a - 1, 0), 0)
+      probs = b / np.maximum(b.sum(-1, keepdims=True), 1e-30)
+    else:
+      s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(K)
+      e = np.where(allowed, np.exp(s), 0)
+      probs = np.where(allowed, np.clip((1 + 1 / T) * e / e.sum(-1, keepdims=True) - 1 / T, 0, 1), 0)
+    wrong = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, D) @ p["out"]["kernel"] + p["out"]["bias"]
+    assert np.abs(got - wrong).max() > 1e-2, case
+
+
+def test_gate_changes_the_output_on_non_zero_input():
+  """Gated attention is not the ungated module times a constant: each token's gate differs."""
+  cfg = CASES["gate_linear"]
+  x, mha, params = _module_and_params(cfg, False)
+  gated = np.asarray(mha.apply({"params": params}, x))
+  ungated = np.asarray(MultiHeadAttention(H, AttentionConfig()).apply(
+      {"params": {k: v for k, v in params.items() if k != "gate"}}, x))
+  bias = np.asarray(params["out"]["bias"])
+  ratio = (gated - bias) / (ungated - bias)
+  assert np.std(ratio) > 1e-2  # a constant 0.25 would give std 0
