@@ -181,3 +181,31 @@ def test_errors_name_the_bad_value():
     kernels.two_pass_attention(q, q, q, block_q=8)
   with pytest.raises(ValueError, match="share a dtype"):
     kernels.two_pass_attention(q, q, q.astype(jnp.bfloat16))
+
+
+def test_gpu_block_plan_in_interpret_mode():
+  """The Triton layout (64 x 64 blocks at T = 250, where the CPU plan takes 32; head block
+  padded to 16) computes the reference attention and its gradients, causal with a key mask and
+  a per-row gamma."""
+  B, T, H, K = 2, 250, 1, 12
+  q, k, v, w = _qkv(B, T, T, H, K, seed=12, scale=2.0)
+  key_mask = _lengths_mask([250, 170], T)
+  plan = attention_lib.make_plan(T, T, K, True, platform="gpu")
+  assert plan.platform == "gpu" and plan.masked and plan.head_block == 16
+  assert (plan.block_q, plan.block_k) == (64, 64)
+  assert attention_lib.make_plan(T, T, K, True).block_q == 32
+  st = attention_lib._Static(plan, T, T, K, True, 1 / np.sqrt(K), 1.0)
+  km = key_mask.astype(jnp.int32)[:, None, :]
+  gamma = jnp.broadcast_to((-1.0 / jnp.arange(1, T + 1, dtype=jnp.float32))[None, None, :, None],
+                           (B, H, T, 1))
+
+  def f(q, k, v, gamma):
+    return jnp.sum(w * attention_lib._attention(q, k, v, km, gamma, st))
+
+  def f_ref(q, k, v, gamma):
+    return jnp.sum(w * reference.attention_ref(q, k, v, causal=True, key_mask_BxS=key_mask,
+                                               gamma=gamma))
+
+  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
+  want = jax.jit(jax.value_and_grad(f_ref, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
+  chex.assert_trees_all_close(got, want, atol=6e-5)

@@ -203,3 +203,19 @@ def test_errors_name_the_bad_value():
     kernels.two_pass_softmax(x, gamma=jnp.zeros((2, 3)))
   with pytest.raises(ValueError, match="interpret=True"):
     softmax_lib.resolve_platform(False, "cpu")
+
+
+def test_gpu_block_plans_in_interpret_mode():
+  """The Triton layouts (one whole-row chunk; chunks of 4096 for rows over 16384 entries, with
+  rows that are not a multiple of the block) compute the reference softmax and its gradient."""
+  for shape in ((6, 197), (3, 20000)):
+    x, where, w = _inputs(shape, seed=11)
+    gamma = jnp.full((shape[0], 1), -0.3 / shape[1], jnp.float32)
+    r, ref_vjp = jax.vjp(jax.jit(lambda x: reference.softmax_ref(x, where=where, gamma=gamma)), x)
+    plan = softmax_lib.make_plan(*shape, jnp.float32, True, platform="gpu")
+    assert plan.platform == "gpu" and plan.n_chunks == (1 if shape[1] <= 16384 else 5)
+    static = softmax_lib._Static(plan, 1.0)
+    y, vjp = jax.vjp(jax.jit(lambda x: softmax_lib._softmax_rows(
+        x, where.astype(jnp.int8), gamma, static)), x)
+    chex.assert_trees_all_close(y, r, atol=1e-6)
+    chex.assert_trees_all_close(vjp(w)[0], ref_vjp(w)[0], atol=1e-6)

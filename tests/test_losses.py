@@ -99,3 +99,19 @@ def test_compute_dispatch_and_errors():
     losses.compute("siglip", zi, zt, t)
   with pytest.raises(ValueError, match="at least 2"):
     losses.infoloob_loss(zi[:1], zt[:1], t)
+
+
+def test_clip_loss_with_the_pallas_logsumexp_equals_numpy_and_xla():
+  """loss.impl='pallas' (row log-sum-exp by the two-pass kernel, interpret mode on CPU): the
+  value equals the numpy reference and the gradients equal the XLA loss's."""
+  zi, zt = _emb(3, B=12, E=8)
+  t = np.log(20.0)
+  f = {impl: jax.jit(jax.value_and_grad(
+      lambda a, b, s, impl=impl: losses.clip_loss(a, b, s, impl=impl), argnums=(0, 1, 2)))
+       for impl in ("xla", "pallas")}
+  (v_p, g_p), (v_x, g_x) = (f[k](jnp.float32(zi), jnp.float32(zt), jnp.float32(t))
+                            for k in ("pallas", "xla"))
+  np.testing.assert_allclose(v_p, np_clip(zi, zt, t), rtol=1e-5)
+  for a, b in zip(g_p, g_x):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(g_x[0]).max()) > 1e-3

@@ -112,18 +112,23 @@ def test_gate_head_i_sees_only_its_slice():
 
 
 def test_gated_attention_multiplies_each_head_context():
+  """out = W_o [g_1 ctx_1; ...; g_H ctx_H] + b with g the gate of each head and token, on a
+  non-zero input (a zero input would make the context, and the check, zero)."""
   cfg = AttentionConfig(gate="linear", gate_pi_init=0.25)
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
   mha = MultiHeadAttention(4, cfg)
   v = mha.init(jax.random.key(1), x)
   p = nn.meta.unbox(v["params"])
-  p_nogate = {k: w for k, w in p.items() if k != "gate"}
-  out_gate = mha.apply({"params": p}, jnp.zeros_like(x))
-  # zero input -> gate exactly 0.25 -> output = 0.25 * ungated context projected + bias
-  ungated = MultiHeadAttention(4, AttentionConfig())
-  out_nogate = ungated.apply({"params": p_nogate}, jnp.zeros_like(x))
-  bias = p["out"]["bias"]
-  np.testing.assert_allclose(out_gate - bias, 0.25 * (out_nogate - bias), rtol=1e-5, atol=1e-6)
+  out_gate = mha.apply({"params": p}, x)
+  g = HeadGate("linear", 4, pi_init=0.25).apply({"params": p["gate"]}, x)  # B x T x H
+  assert float(jnp.std(g)) > 1e-2  # gates differ between heads and tokens
+  # the ungated module with the output projection replaced by identity gives the context
+  eye = {"kernel": jnp.eye(16), "bias": jnp.zeros(16)}
+  ctx = MultiHeadAttention(4, AttentionConfig()).apply(
+      {"params": {**{k: w for k, w in p.items() if k != "gate"}, "out": eye}}, x)
+  want = (ctx.reshape(2, 6, 4, 4) * g[..., None]).reshape(2, 6, 16) @ p["out"]["kernel"] \
+      + p["out"]["bias"]
+  np.testing.assert_allclose(out_gate, want, rtol=1e-5, atol=1e-6)
 
 
 def _probs(c, step=None):
@@ -142,12 +147,12 @@ def _probs(c, step=None):
 
 
 def test_clipped_attention_not_dead_at_init():
-  """alpha=1 with gamma = -1/N (N = keys the row sees) keeps every row's largest probability
-  (max p >= 1/N > 1/(N+1), the clip threshold) and a good share of entries non-zero."""
+  """alpha=1 with gamma = -1/N (N = keys the row sees) keeps a good share of entries non-zero
+  at init (every row keeps its largest entry by construction: max p >= 1/N > 1/(N+1), the clip
+  threshold; the exact values are pinned in test_attention_reference.py)."""
   probs = _probs(micro_config("clipped_softmax"))
   assert len(probs) == 4  # 2 layers x 2 towers
   for k, (p, allowed) in probs.items():
-    assert np.all(p.max(-1) > 0), f"{k}: a row is entirely clipped at init"
     assert np.mean(p[..., allowed] > 0) > 0.25, k
     assert np.all(p[..., ~allowed] == 0)
 
@@ -176,8 +181,13 @@ def test_bf16_compute_keeps_float32_params():
   c32 = micro_config()
   zi32, zt32, *_ = build_model(c32).apply(v, images, tokens)
   assert zi.dtype == jnp.float32  # projection head in float
-  np.testing.assert_allclose(zi, zi32, atol=5e-2)
-  np.testing.assert_allclose(zt, zt32, atol=5e-2)
+  # bf16 keeps 8 mantissa bits: unit embeddings move by up to ~1e-2 per entry (measured 4e-3 to
+  # 9e-3 on three seeds), cosine to the float32 embedding >= 0.9998; and they do move (the
+  # computation really ran in bf16)
+  for z, z32 in ((zi, zi32), (zt, zt32)):
+    np.testing.assert_allclose(z, z32, atol=2e-2)
+    assert np.min(np.sum(np.asarray(z) * np.asarray(z32), -1)) > 0.9995
+    assert np.abs(np.asarray(z) - np.asarray(z32)).max() > 1e-4
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])

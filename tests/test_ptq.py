@@ -62,6 +62,7 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
   c = _config(init_from=ckpt_dir)
   workdir = str(tmp_path)
   out = ptq.run_ptq(c, workdir, ablate=True)
+  printed = capsys.readouterr().out
 
   row = metrics.read(workdir)[-1]
   assert row["step"] == 0
@@ -74,6 +75,12 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
             "ptq/calib_overhead", "ptq/quant_eval_overhead"):
     assert k in row and np.isfinite(row[k]) and row[k] > 0, k
   assert row["ptq/calib_batches"] == 2
+  # the float row is eval mode's evaluation of the same checkpoint, exactly
+  from qtx import eval_run
+  ev = eval_run.run_eval(_config(init_from=ckpt_dir, mode="eval"), str(tmp_path / "eval"))
+  for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    assert row[f"ptq/fp_{k}"] == ev[f"eval/{k}"], k
+  assert row["outliers/max_inf_norm"] == ev["outliers/max_inf_norm"]
   assert row["outliers/max_inf_norm"] == max(row["outliers/image/max_inf_norm"],
                                              row["outliers/text/max_inf_norm"])
   # ablation: one entry per point class, each with the table metrics, also in the row
@@ -83,7 +90,7 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
     assert set(out["ablation"][n]) >= {"zeroshot_top1", "i2t_r1", "t2i_r1"}
     assert row[f"ptq/ablate/{n}/i2t_r1"] == out["ablation"][n]["i2t_r1"]
   # the table and the figures
-  text = capsys.readouterr().out
+  text = printed
   assert "zero-shot top-1" in text and "\nfp " in text and "\nw8a8 " in text
   assert "w8a8 (attn_probs float)" in text
   figs = sorted(os.listdir(os.path.join(workdir, "figures")))
@@ -126,6 +133,23 @@ def test_init_quant_stats_and_calibration_counts(run, calibrated):
       assert 0.0 <= float(v) <= 1.0, name
   with pytest.raises(ValueError, match="calib_batches must be >= 1"):
     ptq.calibration_batches(c, s, 0)
+
+
+def test_w16a16_evaluates_like_float(run, calibrated):
+  """A 16-bit grid is float for every purpose here: the same zero-shot and retrieval metrics
+  as the float model on the same task (an error in the quantized forward would show)."""
+  c, _, s, params = run
+  from qtx.data import pipeline
+  task = pipeline.eval_task(c)
+  q = ptq.quant_config(c, weight_bits=16, act_bits=16)
+  model = build_model(c, quant=q)
+  stats, _ = ptq.calibrate(model, params, ptq.init_quant_stats(model, c), calibrated["batches"][:2])
+  got, _ = ptq.quantized_metrics(model, params, stats, task, 16, prefix="")
+  enc_i, enc_t = train.make_encoders(s)
+  want, _ = ptq.timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, 16,
+                               prefix="")
+  for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    assert got[k] == want[k], (k, got[k], want[k])
 
 
 def test_per_token_activations_need_no_calibration(run):
