@@ -31,3 +31,11 @@ def test_background_patches_match_the_rendered_shape(shape_scale):
     grey = (image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2])
     patch_grey = grey.reshape(8, 4, 8, 4).all(axis=(1, 3)).reshape(-1)
     np.testing.assert_array_equal(bg[i], patch_grey)
+
+
+def test_mutation_check_mutants_apply_to_the_code():
+  """Every mutant of scripts/mutation_check.py still edits code that exists (exactly once), and
+  names test files that exist, so the documented mutation table can be re-run."""
+  mc = _load("mutation_check")
+  assert mc.check_snippets() == []
+  assert len(mc.MUTANTS) >= 20

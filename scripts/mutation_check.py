@@ -1,0 +1,295 @@
+"""Mutation check: do the tests fail when the code is wrong?
+
+Each mutant below is a small, named change to a core formula or a piece of wiring. For every
+mutant the script copies the tracked files of this checkout into a temporary directory, applies
+the change there (never to the checkout), and runs the mutant's tests from the suite's fast
+subset (the test files that cover the mutated code, stopping at the first failure) with that
+copy first on PYTHONPATH. A mutant is *caught* when a test fails; one that survives is a missing
+test. The result is a markdown table: mutant, what it changes, the first test that failed.
+
+  python scripts/mutation_check.py --out docs/mutation.md      # all mutants (~15 min, 2 cores)
+  python scripts/mutation_check.py --only gate_ignored,fq_floor
+  python scripts/mutation_check.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  what: str
+  path: str
+  edits: tuple[tuple[str, str], ...]  # (old, new); each old must occur exactly once
+  tests: tuple[str, ...]
+
+
+def M(name, what, path, old, new, *tests, more=()):
+  return Mutant(name, what, path, ((old, new),) + tuple(more), tuple(tests))
+
+
+_CTX_QUANT = ('    ctx_BxTxHxK = ActQuant(cfg=self.quant, point="attn_context", name="context_quant")(\n'
+              '        ctx_BxTxHxK, None if valid_BxT is None else valid_BxT[:, :, None, None])\n')
+
+MUTANTS = (
+    # normalizers
+    M("softmax_denominator", "softmax divides by sum + 1e-3", "qtx/nn/normalizers.py",
+      "y = e / jnp.where(s > 0, s, 1.0)", "y = e / jnp.where(s > 0, s + 1e-3, 1.0)",
+      "tests/test_normalizers.py"),
+    M("clipped_stretch", "clipped softmax stretches by zeta + gamma", "qtx/nn/normalizers.py",
+      "y = jnp.clip((zeta - gamma) * s + gamma, 0.0, 1.0)",
+      "y = jnp.clip((zeta + gamma) * s + gamma, 0.0, 1.0)", "tests/test_normalizers.py"),
+    M("clipped_lower_bound", "clipped softmax clips at -1 instead of 0", "qtx/nn/normalizers.py",
+      "y = jnp.clip((zeta - gamma) * s + gamma, 0.0, 1.0)",
+      "y = jnp.clip((zeta - gamma) * s + gamma, -1.0, 1.0)", "tests/test_normalizers.py"),
+    M("gamma_all_keys", "gamma = -alpha / T for every row, not -alpha / N_i",
+      "qtx/nn/normalizers.py",
+      "g = -alpha / jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)", "g = -alpha / x.shape[-1]",
+      "tests/test_attention_reference.py", "tests/test_normalizers.py"),
+    M("causal_row_counts", "every causal row 'sees' all keys (N_i = T)", "qtx/nn/attention.py",
+      "  if causal:\n    n = jnp.minimum(", "  if False:\n    n = jnp.minimum(",
+      "tests/test_attention_reference.py"),
+    M("softplus_no_qk_norm", "softplus attention without q/k L2 normalisation",
+      "qtx/nn/attention.py", "    if norm.normalize_qk:", "    if False:",
+      "tests/test_attention_reference.py"),
+    M("softplus_no_log_n", "softplus score scale log(d) log(2) instead of log(d) log(N_i)",
+      "qtx/nn/normalizers.py",
+      "return math.log(d) * jnp.log(jnp.maximum(jnp.asarray(n, jnp.float32), 2.0))",
+      "return math.log(d) * math.log(2.0)", "tests/test_attention_reference.py"),
+    M("softplus_offset", "re-weighting offset O = 0.5 instead of 1", "qtx/nn/normalizers.py",
+      "r = n * a - jnp.where(n <= first_row_keys, 0.0, 1.0)",
+      "r = n * a - jnp.where(n <= first_row_keys, 0.0, 0.5)", "tests/test_normalizers.py"),
+    M("softplus_vjp", "softplus VJP drops the normalisation term", "qtx/nn/normalizers.py",
+      "ds = da - jnp.sum(dr * a, axis=-1, keepdims=True) * n_over_denom", "ds = da",
+      "tests/test_normalizers.py"),
+    # gates
+    M("gate_ignored", "gated attention multiplies by 0.5 instead of the gate",
+      "qtx/nn/attention.py",
+      "ctx_BxTxHxK = ctx_BxTxHxK * gate_BxTxH[..., None].astype(ctx_BxTxHxK.dtype)",
+      "ctx_BxTxHxK = ctx_BxTxHxK * 0.5", "tests/test_attention_reference.py",
+      "tests/test_model.py"),
+    M("gate_wrong_slice", "head i's linear gate reads another head's slice",
+      "qtx/nn/attention.py",
+      'logits = jnp.einsum("bthk,hk->bth", x_BxTxHxK, w) + b',
+      'logits = jnp.einsum("bthk,hk->bth", x_BxTxHxK[:, :, ::-1], w) + b',
+      "tests/test_attention_reference.py", "tests/test_model.py"),
+    M("gate_quant_before_gate", "context quantized before the float gate (the old bias)",
+      "qtx/nn/attention.py", _CTX_QUANT, "", "tests/test_quant_layers.py",
+      more=(('    if cfg.gate != "none":\n      # The gate',
+             _CTX_QUANT + '    if cfg.gate != "none":\n      # The gate'),)),
+    # fake quant and estimators
+    M("fq_zero_point_unrounded", "asymmetric zero point not rounded", "qtx/quant/fake_quant.py",
+      "zero_point = jnp.clip(jnp.round(-x_min / scale), q_lo, q_hi)",
+      "zero_point = jnp.clip(-x_min / scale, q_lo, q_hi)", "tests/test_fake_quant.py"),
+    M("fq_floor", "quantizer floors instead of rounding", "qtx/quant/fake_quant.py",
+      "return jnp.clip(jnp.round(x / grid.scale) + grid.zero_point, grid.q_lo, grid.q_hi)",
+      "return jnp.clip(jnp.floor(x / grid.scale) + grid.zero_point, grid.q_lo, grid.q_hi)",
+      "tests/test_fake_quant.py"),
+    M("fq_symmetric_scale", "symmetric scale absmax / 128 instead of / 127",
+      "qtx/quant/fake_quant.py", "scale = jnp.maximum(absmax / q_hi, tiny)",
+      "scale = jnp.maximum(absmax / (q_hi + 1), tiny)", "tests/test_fake_quant.py"),
+    M("fq_ste_everywhere", "straight-through gradient also where the value is clipped",
+      "qtx/quant/fake_quant.py", "inside = jax.lax.stop_gradient((x_c >= lo) & (x_c <= hi))",
+      "inside = jnp.ones_like(x_c, bool)", "tests/test_fake_quant.py"),
+    M("ema_momentum_swapped", "running min-max weights the new batch by the momentum",
+      "qtx/quant/estimators.py",
+      "new_min = jnp.where(first, b_min, momentum * state.x_min + (1.0 - momentum) * b_min)",
+      "new_min = jnp.where(first, b_min, (1.0 - momentum) * state.x_min + momentum * b_min)",
+      "tests/test_estimators.py", "tests/test_quant_layers.py"),
+    M("ema_of_widened_range", "running min-max averages the zero-widened range (the old bias)",
+      "qtx/quant/layers.py", "        new_min, new_max = state.x_min, state.x_max",
+      "        new_min, new_max = jnp.minimum(state.x_min, 0.0), jnp.maximum(state.x_max, 0.0)",
+      "tests/test_quant_layers.py"),
+    M("percentile_position", "percentile position q * n instead of q * (n - 1)",
+      "qtx/quant/estimators.py", "hi = order_stat_pair(q / 100.0 * (n - 1), largest=True)",
+      "hi = order_stat_pair(q / 100.0 * n, largest=True)", "tests/test_estimators.py"),
+    M("mse_picks_worst", "MSE range search keeps the worst candidate",
+      "qtx/quant/estimators.py", "better = err < best_err", "better = err > best_err",
+      "tests/test_estimators.py"),
+    M("weights_never_quantized", "weights stay float under W8A8", "qtx/quant/layers.py",
+      'if not is_active(cfg) or not cfg.quantizes("weights"):', "if True:",
+      "tests/test_quant_layers.py"),
+    # outlier statistics and PTQ quantization points
+    M("kurtosis_var", "kurtosis divides by var instead of var^2", "qtx/quant/outliers.py",
+      "return jnp.where(var > 0, m4 / jnp.square(safe), 0.0)",
+      "return jnp.where(var > 0, m4 / safe, 0.0)", "tests/test_outliers.py"),
+    M("ffn_out_after_residual", "ffn_out sown after the residual sum", "qtx/nn/transformer.py",
+      'self.sow("intermediates", "ffn_out", y)',
+      'self.sow("intermediates", "ffn_out", x_BxTxD + y)', "tests/test_clip_reference.py"),
+    M("block_out_is_ffn", "block_out sown as the FFN output", "qtx/nn/transformer.py",
+      'self.sow("intermediates", "block_out", x_BxTxD)',
+      'self.sow("intermediates", "block_out", y)', "tests/test_clip_reference.py"),
+    M("text_padding_counted", "text padding counted in statistics and calibration",
+      "qtx/nn/text.py", "  return jnp.arange(tokens_BxT.shape[1])[None, :] <= eot[:, None]",
+      "  return jnp.ones(tokens_BxT.shape, bool)", "tests/test_ptq.py",
+      "tests/test_clip_reference.py"),
+    M("resid_quant_dropped", "first residual sum not quantized", "qtx/nn/transformer.py",
+      'x_BxTxD = ActQuant(cfg=self.quant, point="resid", name="resid_1_quant")(x_BxTxD + y, v)',
+      "x_BxTxD = x_BxTxD + y", "tests/test_ptq.py"),
+    M("mlp_act_quant_dropped", "MLP activation not quantized before fc2", "qtx/nn/transformer.py",
+      'h = ActQuant(cfg=self.quant, point="mlp_act", name="act_quant")(h, valid_BxTx1)',
+      "h = h", "tests/test_ptq.py"),
+    # losses
+    M("clip_loss_rows_twice", "CLIP loss averages image->text twice", "qtx/losses.py",
+      "  t2i = jnp.mean(_lse(l_BxB, 0, impl) - diag)",
+      "  t2i = jnp.mean(_lse(l_BxB, 1, impl) - diag)", "tests/test_losses.py"),
+    M("siglip_no_labels", "SigLIP loss ignores the -1 labels", "qtx/losses.py",
+      "return -jnp.sum(jax.nn.log_sigmoid(labels * l_BxB)) / B",
+      "return -jnp.sum(jax.nn.log_sigmoid(l_BxB)) / B", "tests/test_losses.py"),
+    M("ring_grad_diagonal", "ring loss backward subtracts the positives once, not twice",
+      "qtx/sharded_losses.py", "    g_bxb = g_bxb - 2.0 * jnp.eye(b, dtype=jnp.float32)",
+      "    g_bxb = g_bxb - 1.0 * jnp.eye(b, dtype=jnp.float32)", "tests/test_sharded_losses.py"),
+    M("ring_no_rotation", "ring passes the text block to itself", "qtx/sharded_losses.py",
+      "return [(j, (j - 1) % n) for j in range(n)]", "return [(j, j) for j in range(n)]",
+      "tests/test_sharded_losses.py"),
+    # Pallas kernels
+    M("kernel_softmax_fwd", "two-pass softmax scales 1 / v by 0.99", "qtx/kernels/softmax.py",
+      "inv_v = jnp.where(v > 0, 1.0 / jnp.where(v > 0, v, 1.0), 0.0)",
+      "inv_v = jnp.where(v > 0, 0.99 / jnp.where(v > 0, v, 1.0), 0.0)",
+      "tests/test_kernels_softmax.py"),
+    M("kernel_softmax_bwd", "two-pass softmax backward drops the <g, y> term",
+      "qtx/kernels/softmax.py", "store(dx_ref, idx, s * (g_eff - dot), inb, plan.masked)",
+      "store(dx_ref, idx, s * g_eff, inb, plan.masked)", "tests/test_kernels_softmax.py"),
+    M("kernel_attention_fwd", "two-pass attention probabilities scaled by 0.99",
+      "qtx/kernels/attention.py", "return jnp.where(valid, jnp.exp2(s - lse), 0.0)",
+      "return jnp.where(valid, 0.99 * jnp.exp2(s - lse), 0.0)",
+      "tests/test_kernels_attention.py"),
+    M("kernel_attention_bwd_dv", "two-pass attention dV halved", "qtx/kernels/attention.py",
+      "dv = dv + _dot_tn(a.astype(do.dtype), do)",
+      "dv = dv + 0.5 * _dot_tn(a.astype(do.dtype), do)", "tests/test_pallas_model.py",
+      "tests/test_kernels_attention.py"),
+    # tokenizer and weight import
+    M("tokenizer_no_lowercase", "captions not lower-cased", "qtx/data/tokenizer.py",
+      'return " ".join(text.split()).lower()', 'return " ".join(text.split())',
+      "tests/test_tokenizer.py"),
+    M("tokenizer_worst_merge", "BPE merges the highest-ranked pair first",
+      "qtx/data/tokenizer.py", "if rank is not None and (best_rank is None or rank < best_rank):",
+      "if rank is not None and (best_rank is None or rank > best_rank):",
+      "tests/test_tokenizer.py"),
+    M("weights_qk_swapped", "in_proj split as key, query, value", "qtx/weights.py",
+      'for i, name in enumerate(("query", "key", "value"))}',
+      'for i, name in enumerate(("key", "query", "value"))}', "tests/test_clip_reference.py"),
+    M("weights_patch_order", "conv1 kernel flattened in (col, row, channel) order",
+      "qtx/weights.py", "conv_WxCxPxP.transpose(2, 3, 1, 0)", "conv_WxCxPxP.transpose(3, 2, 1, 0)",
+      "tests/test_clip_reference.py"),
+)
+
+
+def check_snippets(root: str = ROOT) -> list[str]:
+  """Problems with the mutants against the code at `root` (empty when every edit applies)."""
+  problems = []
+  names = [m.name for m in MUTANTS]
+  if len(set(names)) != len(names):
+    problems.append("duplicate mutant names")
+  for m in MUTANTS:
+    text = open(os.path.join(root, m.path)).read()
+    for old, new in m.edits:
+      n = text.count(old)
+      if n != 1:
+        problems.append(f"{m.name}: {old[:60]!r} occurs {n} times in {m.path}")
+      text = text.replace(old, new)
+    for t in m.tests:
+      if not os.path.exists(os.path.join(root, t)):
+        problems.append(f"{m.name}: no test file {t}")
+  return problems
+
+
+def _tracked_files(root: str) -> list[str]:
+  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True,
+                       capture_output=True, text=True).stdout
+  return [p for p in out.splitlines() if p and not p.startswith(("runs/", "docs/figures/"))
+          and os.path.isfile(os.path.join(root, p))]
+
+
+def _copy_tree(root: str, dest: str) -> None:
+  for p in _tracked_files(root):
+    os.makedirs(os.path.dirname(os.path.join(dest, p)) or dest, exist_ok=True)
+    shutil.copy2(os.path.join(root, p), os.path.join(dest, p))
+
+
+def run_mutant(m: Mutant, copy: str, timeout: int) -> tuple[str, float]:
+  """('caught by <test>' | 'SURVIVED' | 'timeout', seconds) of one mutant in the copy."""
+  path = os.path.join(copy, m.path)
+  original = open(path).read()
+  text = original
+  for old, new in m.edits:
+    if text.count(old) != 1:
+      raise ValueError(f"mutant {m.name}: snippet does not occur exactly once in {m.path}")
+    text = text.replace(old, new)
+  env = dict(os.environ, PYTHONPATH=copy + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             PYTHONDONTWRITEBYTECODE="1")
+  t0 = time.perf_counter()
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                        "-p", "no:randomly", *m.tests], cwd=copy, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    out = r.stdout + r.stderr
+    if r.returncode == 0:
+      verdict = "SURVIVED"
+    else:
+      failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+      verdict = f"caught by `{failed[0]}`" if failed else f"caught (pytest exit {r.returncode})"
+  except subprocess.TimeoutExpired:
+    verdict = "timeout"
+  finally:
+    with open(path, "w") as f:
+      f.write(original)
+  return verdict, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--only", default="", help="comma-separated mutant names")
+  p.add_argument("--out", default=None, help="markdown file for the table")
+  p.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+  p.add_argument("--list", action="store_true", help="print the mutants and exit")
+  args = p.parse_args(argv)
+  problems = check_snippets()
+  if problems:
+    print("mutants out of date with the code:\n  " + "\n  ".join(problems), file=sys.stderr)
+    return 2
+  chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+  if args.list:
+    for m in chosen:
+      print(f"{m.name:26s} {m.path:28s} {m.what}")
+    return 0
+  rows, survived = [], 0
+  with tempfile.TemporaryDirectory(prefix="qtx_mutants_") as copy:
+    _copy_tree(ROOT, copy)
+    for i, m in enumerate(chosen, 1):
+      verdict, sec = run_mutant(m, copy, args.timeout)
+      survived += not verdict.startswith("caught")
+      rows.append(f"| `{m.name}` | {m.what} (`{m.path}`) | {verdict} | {sec:.0f} |")
+      print(f"[{i}/{len(chosen)}] {m.name}: {verdict} ({sec:.0f} s)", flush=True)
+      if args.out:
+        _write(args.out, rows, chosen, survived, done=i)
+  print(f"{len(chosen) - survived} of {len(chosen)} mutants caught", flush=True)
+  return 1 if survived else 0
+
+
+def _write(path, rows, chosen, survived, done):
+  cmd = "python scripts/mutation_check.py" + (f" --out {path}")
+  with open(path, "w") as f:
+    f.write("# Mutation check\n\nEach mutant is a small wrong change to a formula or to wiring, "
+            "applied to a temporary copy of the code; the tests of the fast subset that cover "
+            "it must fail. A surviving mutant is a missing test.\n\n"
+            f"Command: `{cmd}` ({done} of {len(chosen)} run, "
+            f"{done - survived} caught).\n\n| mutant | change | result | seconds |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
