@@ -1,6 +1,7 @@
 """Analysis scripts under scripts/: the parts that compute, on small data."""
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _load(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod  # dataclasses look their module up here
   spec.loader.exec_module(mod)
   return mod
 
