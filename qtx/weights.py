@@ -7,9 +7,11 @@
   params = load_into(path, template, config)   # what `config.init_from=<file>` runs
 
 Files: .pt / .pth / .bin (PyTorch; torch is needed only here: `pip install qtx[torch]`),
-loaded with `torch.load(weights_only=True)`; OpenAI's original releases are TorchScript
-archives, which are opened with `torch.jit.load` instead (this runs the archive's code: load
-only files you trust). .safetensors files need no torch (the `safetensors` package, or the
+loaded with `torch.load(weights_only=True)`, which runs no code from the file. OpenAI's original
+releases are TorchScript archives: opening one with `torch.jit.load` runs code stored in it, so
+qtx refuses them unless asked explicitly (`allow_torchscript=True`; on the command line
+`python -m qtx.weights ViT-B-16.pt --allow_torchscript --save ViT-B-16.safetensors` converts
+once, and training then reads the .safetensors file). .safetensors files need no torch (the `safetensors` package, or the
 small reader here when it is missing). Training checkpoints that wrap the weights
 ({'state_dict': ...}, 'module.' prefixes) are unwrapped.
 
@@ -50,10 +52,13 @@ Parameters the checkpoint does not have keep their fresh initialisation: `logit_
                         logit(pi_init)) and the checkpoint's projection: the from-scratch
                         recipe; the imported model starts away from the checkpoint.
 
-Activations: qtx's MLP uses tanh-approximate GELU. OpenAI's checkpoints were trained with
-QuickGELU and most open_clip ones with exact GELU, so imported embeddings differ slightly from
-the original model's until fine-tuned (a warning says so) unless the model config selects the
-checkpoint's activation.
+Activations: shapes cannot tell QuickGELU from GELU. OpenAI's releases (TorchScript archives, or
+state_dicts that keep their metadata scalars input_resolution / context_length / vocab_size)
+are recognised and use QuickGELU (`checkpoint_activation`); for any other checkpoint the
+activation must be given (`python -m qtx.weights CKPT --activation gelu`, most open_clip
+models). `load_into` warns when the model's activation differs from the recognised one, or
+when it cannot be confirmed and is the default (tanh-approximate GELU, which no public CLIP
+checkpoint uses).
 """
 from __future__ import annotations
 
@@ -75,6 +80,30 @@ DEFAULT_HEAD_DIM = 64
 # Scalars that OpenAI's TorchScript archives keep beside the weights.
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask",
                   "visual.attn_mask", "text.attn_mask")
+_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+ACTIVATION_CHOICES = ("quick_gelu", "gelu", "gelu_tanh")
+
+
+def is_torchscript(path: str) -> bool:
+  """True for a TorchScript archive (a zip with a code/ folder or constants.pkl)."""
+  import zipfile
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def checkpoint_activation(state_dict: Mapping[str, Any], path: str | None = None
+                          ) -> tuple[Optional[str], str]:
+  """(activation or None, why): 'quick_gelu' for OpenAI's releases, None where the file cannot
+  tell (shapes are the same for QuickGELU and GELU)."""
+  if path is not None and os.path.isfile(path) and is_torchscript(path):
+    return "quick_gelu", "an OpenAI TorchScript archive (OpenAI CLIP uses QuickGELU)"
+  if any(k in state_dict for k in _OPENAI_MARKERS):
+    return "quick_gelu", ("OpenAI's metadata keys (input_resolution, context_length, "
+                          "vocab_size) are present (OpenAI CLIP uses QuickGELU)")
+  return None, ("the file cannot tell QuickGELU from GELU (the shapes are the same); most "
+                "open_clip models use gelu, OpenAI's quick_gelu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +120,13 @@ def _torch_to_numpy(obj) -> Any:
   return obj
 
 
-def _load_torch(path: str) -> Mapping[str, Any]:
+def _load_torch(path: str, allow_torchscript: bool = False) -> Mapping[str, Any]:
+  if is_torchscript(path) and not allow_torchscript:
+    raise ValueError(
+        f"{path} is a TorchScript archive (OpenAI's release format); reading it runs code "
+        "stored in the file. Convert it once, if you trust it: python -m qtx.weights "
+        f"{path} --allow_torchscript --save {os.path.splitext(path)[0]}.safetensors, then use "
+        "the .safetensors file")
   try:
     import torch
   except ImportError as e:
@@ -104,6 +139,9 @@ def _load_torch(path: str) -> Mapping[str, Any]:
   except RuntimeError as e:
     if "TorchScript" not in str(e) and "jit" not in str(e):
       raise
+    if not allow_torchscript:
+      raise ValueError(f"{path} is a TorchScript archive; pass allow_torchscript=True "
+                       "(--allow_torchscript) to read it, which runs code from the file") from e
     logging.warning("%s is a TorchScript archive (OpenAI CLIP format): loading it with "
                     "torch.jit.load, which runs code from the file", path)
     with warnings.catch_warnings():
@@ -185,16 +223,17 @@ def _strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+def load_state_dict(path: str, allow_torchscript: bool = False) -> dict[str, np.ndarray]:
   """{name: numpy array} of a .pt/.pth/.bin/.safetensors checkpoint; floating tensors as
-  float32 (OpenAI ships fp16), wrappers and 'module.' prefixes removed."""
+  float32 (OpenAI ships fp16), wrappers and 'module.' prefixes removed. TorchScript archives
+  only with allow_torchscript (reading one runs code from the file)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
   if path.endswith(SAFETENSORS_SUFFIX):
     raw: Mapping[str, Any] = _load_safetensors(path)
   elif path.endswith(TORCH_SUFFIXES):
-    raw = _unwrap(_load_torch(path), path)
+    raw = _unwrap(_load_torch(path, allow_torchscript), path)
     raw = {k: _torch_to_numpy(v) for k, v in raw.items()}
   else:
     raise ValueError(f"unsupported checkpoint file {path!r}; expected one of "
@@ -510,14 +549,27 @@ def merge_into_template(converted: Mapping, template: Mapping, config,
   return _unflatten(out)
 
 
-def _warn_differences(config) -> None:
+def activation_warnings(config, known: Optional[str], why: str) -> list[str]:
+  """Warnings for the model's activations against the checkpoint's (None: not known)."""
+  out = []
+  for tower in ("image", "text"):
+    act = config.model[tower].get("activation", "gelu_tanh")
+    if known is not None and act != known:
+      out.append(f"model.{tower}.activation={act}, but the checkpoint is {why}: set "
+                 f"--config.model.{tower}.activation={known} or the imported model computes "
+                 "another function")
+    elif known is None and act == "gelu_tanh":
+      out.append(f"model.{tower}.activation=gelu_tanh (the default) cannot be confirmed: "
+                 f"{why}; set --config.model.{tower}.activation=gelu or =quick_gelu to match "
+                 "the checkpoint")
+  return out
+
+
+def _warn_differences(config, known: Optional[str] = None, why: str = "") -> None:
+  for msg in activation_warnings(config, known, why):
+    logging.warning("%s", msg)
   for tower in ("image", "text"):
     t = config.model[tower]
-    if t.get("activation", "gelu_tanh") == "gelu_tanh":
-      logging.warning("model.%s.activation=gelu_tanh: OpenAI checkpoints use QuickGELU "
-                      "(activation=quick_gelu) and most open_clip ones exact GELU "
-                      "(activation=gelu); with gelu_tanh imported embeddings differ slightly",
-                      tower)
     if t.attention.normalizer != "softmax":
       logging.warning("model.%s.attention.normalizer=%r: the checkpoint was trained with "
                       "softmax, so the imported model starts away from it", tower,
@@ -532,24 +584,78 @@ def load_into(path: str, params_template: Mapping, config, gate_init: str = "pre
   sd = load_state_dict(path)
   converted = convert(sd, config)
   params = merge_into_template(converted, params_template, config, gate_init, source=path)
-  _warn_differences(config)
+  _warn_differences(config, *checkpoint_activation(sd, path))
   logging.info("imported %d tensors from %s", len(sd), path)
   return params
 
 
+def write_safetensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
+  """Writes {name: array} as a .safetensors file (float32 / float16 / int tensors)."""
+  codes = {"float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "bool": "BOOL"}
+  header, blobs, offset = {}, [], 0
+  for k in sorted(state_dict):
+    a = np.ascontiguousarray(state_dict[k])
+    if a.dtype.name not in codes:
+      a = a.astype(np.float32)
+    b = a.tobytes()
+    header[k] = {"dtype": codes[a.dtype.name], "shape": list(a.shape),
+                 "data_offsets": [offset, offset + len(b)]}
+    blobs.append(b)
+    offset += len(b)
+  h = json.dumps(header, separators=(",", ":")).encode()
+  h += b" " * (-len(h) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for b in blobs:
+      f.write(b)
+
+
 def main(argv=None) -> int:
-  """`python -m qtx.weights CHECKPOINT [--head_dim 64]`: prints the architecture read from the
-  checkpoint and the qtx.main flags that set it."""
+  """`python -m qtx.weights CHECKPOINT [--head_dim 64] [--activation A]`: prints the
+  architecture read from the checkpoint and every qtx.main flag the model needs."""
   import argparse
+  import sys
   parser = argparse.ArgumentParser(prog="python -m qtx.weights", description=main.__doc__)
   parser.add_argument("checkpoint", help="a .pt, .pth, .bin or .safetensors CLIP state_dict")
   parser.add_argument("--head_dim", type=int, default=DEFAULT_HEAD_DIM,
                       help="attention head width (heads = width // head_dim)")
+  parser.add_argument("--activation", choices=ACTIVATION_CHOICES, default=None,
+                      help="the MLP activation the checkpoint was trained with; needed unless "
+                           "the file is recognisably OpenAI's (QuickGELU)")
+  parser.add_argument("--allow_torchscript", action="store_true",
+                      help="read a TorchScript archive (runs code stored in the file)")
+  parser.add_argument("--save", default=None,
+                      help="also write the weights as this .safetensors file (needs no torch "
+                           "and runs no code when read)")
   args = parser.parse_args(argv)
-  arch = infer_config(load_state_dict(args.checkpoint), head_dim=args.head_dim)
-  print(json.dumps(arch, indent=2))
-  print(" ".join(config_overrides(arch)
-                 + [f"--config.init_from={os.path.abspath(args.checkpoint)}"]))
+  try:
+    sd = load_state_dict(args.checkpoint, allow_torchscript=args.allow_torchscript)
+    arch = infer_config(sd, head_dim=args.head_dim)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  known, why = checkpoint_activation(sd, args.checkpoint)
+  if args.activation and known and args.activation != known:
+    print(f"error: --activation={args.activation}, but the checkpoint is {why}",
+          file=sys.stderr)
+    return 2
+  activation = args.activation or known
+  source = os.path.abspath(args.checkpoint)
+  if args.save:
+    if not args.save.endswith(SAFETENSORS_SUFFIX):
+      print(f"error: --save needs a {SAFETENSORS_SUFFIX} path, got {args.save!r}",
+            file=sys.stderr)
+      return 2
+    write_safetensors(args.save, {k: v for k, v in sd.items() if k not in _METADATA_KEYS})
+    source = os.path.abspath(args.save)
+  print(json.dumps({**arch, "activation": activation}, indent=2))
+  flags = config_overrides(arch)
+  if activation:
+    flags += [f"--config.model.{t}.activation={activation}" for t in ("image", "text")]
+  else:
+    print(f"note: {why}; rerun with --activation gelu|quick_gelu to get the activation flags",
+          file=sys.stderr)
+  print(" ".join(flags + [f"--config.init_from={source}"]))
   return 0
 
 

@@ -369,7 +369,66 @@ def test_command_line_prints_architecture_and_flags(tmp_path, capsys):
   path = str(tmp_path / "clip.safetensors")
   _save_safetensors(path, sd)
   assert weights.main([path, "--head_dim", "16"]) == 0
-  out = capsys.readouterr().out.strip().splitlines()
+  cap = capsys.readouterr()
+  out = cap.out.strip().splitlines()
   flags = out[-1].split()
-  assert json.loads("\n".join(out[:-1])) == weights.infer_config(sd, head_dim=16)
+  assert json.loads("\n".join(out[:-1])) == {**weights.infer_config(sd, head_dim=16),
+                                              "activation": None}
   assert "--config.model.image.heads=2" in flags and f"--config.init_from={path}" in flags
+  # shapes cannot tell the activation: no flag for it, and a note that says what to pass
+  assert not any("activation" in f for f in flags)
+  assert "cannot tell QuickGELU from GELU" in cap.err and "--activation" in cap.err
+  assert weights.main([path, "--head_dim", "16", "--activation", "gelu"]) == 0
+  flags = capsys.readouterr().out.strip().splitlines()[-1].split()
+  assert {"--config.model.image.activation=gelu", "--config.model.text.activation=gelu"} <= set(flags)
+
+
+def test_openai_checkpoints_are_recognised_as_quick_gelu(tmp_path, capsys):
+  sd = fake_state_dict()
+  sd.update(input_resolution=np.asarray(16), context_length=np.asarray(16),
+            vocab_size=np.asarray(1000))
+  path = str(tmp_path / "openai.safetensors")
+  _save_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+  assert weights.main([path, "--head_dim", "16"]) == 0
+  flags = capsys.readouterr().out.strip().splitlines()[-1].split()
+  assert "--config.model.text.activation=quick_gelu" in flags
+  # a contradicting --activation is an error that names the reason
+  assert weights.main([path, "--head_dim", "16", "--activation", "gelu"]) == 2
+  assert "OpenAI" in capsys.readouterr().err
+  c = config_for(sd)
+  msgs = weights.activation_warnings(c, *weights.checkpoint_activation(sd, path))
+  assert len(msgs) == 2 and "activation=quick_gelu" in msgs[0]
+  for t in (c.model.image, c.model.text):
+    t.activation = "quick_gelu"
+  assert weights.activation_warnings(c, *weights.checkpoint_activation(sd, path)) == []
+  # unknown activation and the default: a warning that it cannot be confirmed
+  msgs = weights.activation_warnings(config_for(sd), None, "the file cannot tell")
+  assert len(msgs) == 2 and "cannot be confirmed" in msgs[0]
+
+
+def test_torchscript_archives_need_an_explicit_opt_in(tmp_path, capsys):
+  """A TorchScript archive (a zip with code/) is refused without running anything from it."""
+  import zipfile
+  path = str(tmp_path / "ViT-B-16.pt")
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("ViT-B-16/code/__torch__/clip/model.py", "raise SystemExit('ran code')\n")
+    z.writestr("ViT-B-16/data.pkl", b"not read")
+  assert weights.is_torchscript(path)
+  assert weights.checkpoint_activation({}, path)[0] == "quick_gelu"
+  with pytest.raises(ValueError, match="TorchScript archive.*--allow_torchscript --save"):
+    weights.load_state_dict(path)
+  assert weights.main([path]) == 2
+  assert "runs code stored in the file" in capsys.readouterr().err
+
+
+def test_save_writes_safetensors_that_read_back(tmp_path, capsys):
+  sd = fake_state_dict()
+  src = str(tmp_path / "in.safetensors")
+  _save_safetensors(src, sd)
+  out = str(tmp_path / "out.safetensors")
+  assert weights.main([src, "--head_dim", "16", "--activation", "gelu", "--save", out]) == 0
+  assert f"--config.init_from={out}" in capsys.readouterr().out
+  back = weights.read_safetensors(out)
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v)
