@@ -240,7 +240,7 @@ def run_mutant(m: Mutant, copy: str, timeout: int) -> tuple[str, float]:
     if r.returncode == 0:
       verdict = "SURVIVED"
     else:
-      failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+      failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)
       verdict = f"caught by `{failed[0]}`" if failed else f"caught (pytest exit {r.returncode})"
   except subprocess.TimeoutExpired:
     verdict = "timeout"

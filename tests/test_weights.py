@@ -311,7 +311,10 @@ def test_torch_files_wrappers_and_torchscript(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated upstream
     torch.jit.save(torch.jit.script(lin), str(tmp_path / "jit.pt"))
-  out = weights.load_state_dict(str(tmp_path / "jit.pt"))
+  with pytest.raises(ValueError, match="TorchScript archive.*--allow_torchscript"):
+    weights.load_state_dict(str(tmp_path / "jit.pt"))  # reading it would run its code
+  assert weights.is_torchscript(str(tmp_path / "jit.pt"))
+  out = weights.load_state_dict(str(tmp_path / "jit.pt"), allow_torchscript=True)
   assert set(out) == {"weight", "bias"} and out["weight"].dtype == np.float32
 
 
