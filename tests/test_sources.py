@@ -44,6 +44,26 @@ def test_templates_sets_are_valid_and_distinct():
       templates.check_templates(bad)
 
 
+def test_openai_imagenet_protocol_data():
+  """The 1000 curated class names (ImageNet-1k index order) and the 80 templates, shipped with
+  their licence notice; spot checks at known indices of the standard list."""
+  names, ts = templates.IMAGENET_CLASSNAMES, templates.OPENAI_IMAGENET_TEMPLATES
+  assert len(names) == 1000 and len(ts) == 80 and len(set(ts)) == 80
+  assert len(set(names)) == 999  # the original list names classes 657 and 744 both 'missile'
+  assert [i for i, n in enumerate(names) if n == "missile"] == [657, 744]
+  assert (names[0], names[1], names[207], names[281], names[409], names[999]) == (
+      "tench", "goldfish", "Golden Retriever", "tabby cat", "analog clock", "toilet paper")
+  assert all(n == n.strip() and n for n in names)
+  assert templates.check_templates(ts) == ts
+  assert ts[0] == "a bad photo of a {}." and ts[-1] == "a tattoo of the {}."
+  assert templates.get("openai_imagenet") == ts
+  import os
+  import qtx.data
+  lic = open(os.path.join(os.path.dirname(qtx.data.__file__),
+                          "LICENSE_openai_imagenet_prompts.txt")).read()
+  assert "MIT License" in lic and "Copyright (c) 2021 OpenAI" in lic
+
+
 def test_caption_choice_is_deterministic_and_spread():
   ts = templates.PHOTO_TEMPLATES
   a = [templates.caption("cat", ts, seed=0, index=i) for i in range(400)]

@@ -9,8 +9,22 @@ filled with the image's class name, chosen deterministically from (seed, index).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Sequence
+
+
+def _read_lines(name: str) -> tuple[str, ...]:
+  with open(os.path.join(os.path.dirname(__file__), name), encoding="utf-8") as f:
+    return tuple(line.rstrip("\n") for line in f if line.strip())
+
+
+# OpenAI CLIP's zero-shot ImageNet protocol (MIT License, see LICENSE_openai_imagenet_prompts.txt):
+# the 1000 curated class names, in the order of the ImageNet-1k class indices (they differ from
+# the WordNet synset names; 'missile' appears twice, as in the original list), and the 80
+# prompt templates of the prompt ensemble.
+IMAGENET_CLASSNAMES: tuple[str, ...] = _read_lines("imagenet_classnames.txt")
+OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = _read_lines("openai_imagenet_templates.txt")
 
 # Generic phrasings for natural photographs.
 PHOTO_TEMPLATES: tuple[str, ...] = (
@@ -50,6 +64,7 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "photo": PHOTO_TEMPLATES,
     "grayscale": GRAYSCALE_TEMPLATES,
     "single": SINGLE_TEMPLATE,
+    "openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
 }
 
 # Datasets whose images are not colour photographs get the grayscale set.
@@ -62,7 +77,7 @@ _DATASET_SETS: dict[str, str] = {
 
 
 def get(name: str) -> tuple[str, ...]:
-  """Template set by name: 'photo', 'grayscale' or 'single'."""
+  """Template set by name: 'photo', 'grayscale', 'single' or 'openai_imagenet' (the 80)."""
   if name not in TEMPLATE_SETS:
     raise ValueError(f"unknown template set {name!r}; choose one of {tuple(TEMPLATE_SETS)}")
   return TEMPLATE_SETS[name]
