@@ -7,14 +7,21 @@ config.mode:
   eval   zero-shot and retrieval of config.init_from (or WORKDIR's latest checkpoint)
   ptq    calibrate on quant.calib_batches batches, then evaluate float and fake-quantized models
 
+Presets: configs/clip_tiny.py (CPU, embedded data), configs/clip_b16.py (OpenAI ViT-B/16);
+a normalizer preset after ':' sets both towers: softmax | clipped_softmax | gated | softplus
+(configs/clip_tiny.py:gated).
+
 Main config fields: model.{image,text}.attention.{normalizer,gamma,alpha,gate,impl},
 loss.name (clip|siglip|infoloob), data.name, data.path, train.{batch_size,total_steps,lr},
 eval.every_steps, checkpoint.{every_steps,keep}, mesh.shape, quant.*.
+--print_config prints the resolved config (preset + overrides) and exits; --verbose shows the
+traceback of a configuration or input error instead of its one-line message.
 Every run appends JSON lines to WORKDIR/metrics.jsonl and writes TensorBoard events beside it.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -24,7 +31,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py), optionally with ':arg'.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and figures.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "Show tracebacks of configuration and input errors.")
+flags.mark_flags_as_required(["config"])
+
+# Errors that mean "the configuration or the input is wrong": one line for people.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
 
 
 def run(config, workdir: str) -> dict:
@@ -53,10 +66,22 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _PRINT.value:
+    print(_CONFIG.value)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (where metrics, checkpoints and figures go)")
   from qtx import distributed
   distributed.initialize()
   logging.set_verbosity(logging.WARNING)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    if _VERBOSE.value:
+      raise
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"qtx: error: {msg}\n(rerun with --verbose for the traceback)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""The command line for people: one-line errors (tracebacks behind --verbose), --print_config."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "clip_tiny.py")
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "qtx.main", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_config_and_input_errors_are_one_short_message(tmp_path):
+  r = _main("--config", TINY, "--workdir", str(tmp_path / "a"),
+            "--config.model.image.attention.normalizer=softmaxx")
+  assert r.returncode == 2
+  assert "qtx: error: model.image.attention: unknown normalizer 'softmaxx'" in r.stderr
+  assert "Traceback" not in r.stderr and "--verbose" in r.stderr
+  r = _main("--config", TINY, "--workdir", str(tmp_path / "b"), "--config.mode=eval")
+  assert r.returncode == 2 and "no checkpoint to load" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = _main("--config", TINY, "--workdir", str(tmp_path / "c"), "--config.mode=eval",
+            "--verbose")
+  assert r.returncode != 0 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
+
+
+def test_print_config_shows_preset_and_overrides_without_a_workdir():
+  r = _main("--config", TINY + ":gated", "--print_config", "--config.train.lr=0.01")
+  assert r.returncode == 0, r.stderr
+  assert "gate: linear" in r.stdout and "lr: 0.01" in r.stdout
+  r = _main("--config", TINY)
+  assert r.returncode != 0 and "--workdir is required" in r.stderr
