@@ -49,6 +49,11 @@ def run(config, workdir: str) -> dict:
   if not is_remote(workdir):
     workdir = os.path.abspath(os.path.expanduser(workdir))
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if config.mode == "train":
+    for line in resume_changes(config, workdir):
+      logging.warning("%s", line)
+      if jax.process_index() == 0:
+        print(f"qtx: warning: {line}", file=sys.stderr, flush=True)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   if config.mode == "train":
@@ -61,6 +66,38 @@ def run(config, workdir: str) -> dict:
     from qtx.quant import ptq
     return ptq.run_ptq(config, workdir)
   raise ValueError(f"unknown mode {config.mode!r}")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resume_changes(config, workdir: str) -> list[str]:
+  """Lines naming every config key that differs from the run this workdir holds, when training
+  resumes from its checkpoints (empty for a new run)."""
+  import json
+  from etils import epath
+  wd = epath.Path(workdir)
+  saved = wd / "config.json"
+  ckpts = wd / "checkpoints"
+  if not (saved.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    return []
+  old = _flat(json.loads(saved.read_text()))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(old) | set(new))
+             if k not in ("mode", "init_from") and old.get(k, "<absent>") != new.get(k, "<absent>")]
+  if not changed:
+    return []
+  head = (f"resuming {workdir} with a config that differs from the one it was trained with "
+          f"({len(changed)} key(s)); the run continues from its checkpoint with the new values:")
+  return [head] + [f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                   for k in changed]
 
 
 def main(argv):

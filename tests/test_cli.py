@@ -33,3 +33,20 @@ def test_print_config_shows_preset_and_overrides_without_a_workdir():
   assert "gate: linear" in r.stdout and "lr: 0.01" in r.stdout
   r = _main("--config", TINY)
   assert r.returncode != 0 and "--workdir is required" in r.stderr
+
+
+def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
+  from conftest import micro_config
+  from qtx import main as qmain
+  c = micro_config(**{"train.total_steps": 2, "checkpoint.every_steps": 2})
+  assert qmain.resume_changes(c, str(tmp_path)) == []  # nothing to resume yet
+  qmain.run(c, str(tmp_path))
+  assert qmain.resume_changes(c, str(tmp_path)) == []  # same config: silent
+  c.train.total_steps = 4
+  c.train.lr = 1e-3
+  lines = qmain.resume_changes(c, str(tmp_path))
+  assert "differs from the one it was trained with (2 key(s))" in lines[0]
+  assert lines[1:] == ["  train.lr: 0.003 -> 0.001", "  train.total_steps: 2 -> 4"]
+  capsys.readouterr()
+  qmain.run(c, str(tmp_path))
+  assert "qtx: warning: resuming" in capsys.readouterr().err
