@@ -51,3 +51,48 @@ def test_outliers_logged_during_training(tmp_path):
   assert len(per_layer) == 4  # 2 layers x (block_out, ffn_out)
   assert r["outliers/max_inf_norm"] == max(r["outliers/image/max_inf_norm"],
                                           r["outliers/text/max_inf_norm"])
+
+
+def _np_multi_caption_recalls(zi, zt, cap, k):
+  """Brute force, from the definitions: full similarity matrix and sorted lists."""
+  sim = zi @ zt.T
+  i2t = np.mean([bool(set(np.argsort(-sim[i], kind="stable")[:k]) & set(np.where(cap == i)[0]))
+                 for i in range(len(zi))])
+  t2i = np.mean([cap[j] in np.argsort(-sim[:, j], kind="stable")[:k] for j in range(len(zt))])
+  return i2t, t2i
+
+
+def test_five_caption_retrieval_equals_numpy_reference():
+  from qtx import evaluate
+  rng = np.random.default_rng(0)
+  N, per = 37, 5
+  zi = rng.normal(size=(N, 8))
+  cap = np.repeat(np.arange(N), per)
+  rng.shuffle(cap)  # captions in any order
+  zt = zi[cap] + rng.normal(scale=1.5, size=(N * per, 8))  # noisy views of their images
+  zi /= np.linalg.norm(zi, axis=1, keepdims=True)
+  zt /= np.linalg.norm(zt, axis=1, keepdims=True)
+  got = evaluate.retrieval_recalls(zi, zt, cap, ks=(1, 5, 10), block=7)  # several blocks
+  for k in (1, 5, 10):
+    i2t, t2i = _np_multi_caption_recalls(zi, zt, cap, k)
+    assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
+  assert 0 < got["i2t_r1"] < got["i2t_r10"] < 1  # the case is not trivial
+  # one caption per image (identity mapping) is the classic recall, in blocks or not
+  z1 = zt[:N]
+  a = evaluate.retrieval_recalls(zi, z1, None, block=5)
+  b = evaluate.retrieval_recalls(zi, z1, np.arange(N), block=1000)
+  assert a == b
+  with pytest.raises(ValueError, match="have no caption"):
+    evaluate.retrieval_recalls(zi, zt[:10], cap[:10])
+
+
+def test_blockwise_zeroshot_equals_full_matrix_topk():
+  from qtx import evaluate
+  rng = np.random.default_rng(1)
+  zi, zc = rng.normal(size=(101, 6)), rng.normal(size=(13, 6))
+  labels = rng.integers(0, 13, 101)
+  got = evaluate.zeroshot_accuracy(zi, zc, labels, ks=(1, 5), block=16)
+  scores = zi @ zc.T
+  for k in (1, 5):
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    assert got[f"zeroshot_top{k}"] == pytest.approx(np.mean(np.any(top == labels[:, None], 1)))

@@ -116,6 +116,9 @@ class EvalTask:
   class_names: Sequence[str] = ()
   templates: Sequence[str] = ()
   prompts: Sequence[Sequence[str]] = ()  # C x M ready-made prompts (overrides templates)
+  # M: the image each caption belongs to, for several captions per image (COCO / Flickr30k
+  # style: tokens is then M x T); None means caption i belongs to image i.
+  caption_image: Optional[np.ndarray] = None
 
   def prompt_tokens(self, context_length: int) -> np.ndarray:
     """C x M x T tokens: every class name in every template."""
