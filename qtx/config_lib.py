@@ -101,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.omit_prob = synthetic.TRAIN_OMIT_PROB
   # synthetic only: multiplier of every shape's size (< 1: more plain-background patches)
   c.data.shape_scale = 1.0
+  # pod presets set these: the embedded synthetic shapes are refused there (a pod would train
+  # on toy data) unless the config argument says 'runlocal'
+  c.data.allow_synthetic = True
+  c.data.preset = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256
@@ -191,7 +195,8 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 650
   c.checkpoint.keep = 2
   c.quant.outliers_every_steps = 100
-  set_normalizer(c, arg or "softmax")
+  normalizer, _ = config_words(arg)  # 'runlocal' changes nothing: this config is local already
+  set_normalizer(c, normalizer)
   # Softplus re-weighting exponent for these short sequences (<= 65 keys): p = 1 learns fastest
   # here (1000-step zero-shot top-1: p=15 31.4%, p=3 50.7%, p=1 58.5%; docs/results.md).
   for tower in (c.model.image, c.model.text):
@@ -199,17 +204,66 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def b16_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """OpenAI CLIP ViT-B/16 architecture (149.6M parameters)."""
+def config_words(arg: str | None) -> tuple[str, bool]:
+  """(normalizer preset, runlocal) from a config argument of comma-separated words, as in
+  'configs/clip_b16.py:gated,runlocal' (big_vision style): at most one normalizer preset
+  (softmax | clipped_softmax | gated | softplus) and/or 'runlocal'."""
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  presets = [w for w in words if w in NORMALIZER_PRESETS]
+  unknown = [w for w in words if w not in NORMALIZER_PRESETS and w != "runlocal"]
+  if unknown:
+    raise ValueError(f"unknown config argument word(s) {unknown}; use comma-separated words "
+                     f"from {NORMALIZER_PRESETS + ('runlocal',)}, e.g. 'gated,runlocal'")
+  if len(presets) > 1:
+    raise ValueError(f"config argument names {len(presets)} normalizer presets {presets}; "
+                     "give at most one")
+  return (presets[0] if presets else "softmax"), "runlocal" in words
+
+
+def _pod_config(arg, patch_size: int, name: str) -> ml_collections.ConfigDict:
+  """OpenAI CLIP ViT-B/<patch> for accelerators: bfloat16 compute with remat, FSDP over all
+  devices, a checkpoint every 1000 steps. It refuses the embedded synthetic data unless
+  'runlocal' (a few tiny steps for a local smoke run) is among the config words."""
+  normalizer, runlocal = config_words(arg)
   c = base_config()
+  c.model.image.patch_size = patch_size
+  c.model.dtype = "bfloat16"
+  c.model.remat = "dots"
   c.data.image_size = 224
+  c.data.allow_synthetic = False
+  c.data.preset = name
   c.train.batch_size = 4096
   c.train.total_steps = 100_000
   c.train.lr = 5e-4
   c.train.warmup_steps = 2000
+  c.eval.every_steps = 5000
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
   c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  set_normalizer(c, arg or "softmax")
+  set_normalizer(c, normalizer)
+  if runlocal:
+    c.data.allow_synthetic = True
+    c.train.batch_size = 8
+    c.train.total_steps = 4
+    c.train.warmup_steps = 1
+    c.train.log_every = 1
+    c.eval.every_steps = 0
+    c.eval.num_samples = 16
+    c.eval.batch_size = 8
+    c.data.eval_size = 16
+    c.checkpoint.every_steps = 2
   return c
+
+
+def b16_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """OpenAI CLIP ViT-B/16 architecture (149,620,737 parameters)."""
+  return _pod_config(arg, 16, "configs/clip_b16.py")
+
+
+def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """OpenAI CLIP ViT-B/32 architecture (151,277,313 parameters), the usual CC3M/CC12M
+  baseline."""
+  return _pod_config(arg, 32, "configs/clip_b32.py")
 
 
 MODES = ("train", "eval", "ptq")
@@ -243,6 +297,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if img.image_size % img.patch_size:
     raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
                      f"patch_size {img.patch_size}")
+  if c.data.name == "synthetic" and not c.data.get("allow_synthetic", True):
+    preset = c.data.get("preset", "") or "this preset"
+    raise ValueError(
+        f"data.name=synthetic: {preset} is a pod preset and refuses the embedded synthetic "
+        "shapes; point it at your data (--config.data.name=webdataset|folder|tfds:NAME "
+        f"--config.data.path=...), or run a local smoke test with {preset}:runlocal "
+        "(a few tiny steps on the synthetic data)")
   if not 0.0 <= c.data.omit_prob <= 1.0:
     raise ValueError(f"data.omit_prob must be in [0, 1], got {c.data.omit_prob}")
   if not 0.0 < c.data.shape_scale <= synthetic.MAX_SHAPE_SCALE:

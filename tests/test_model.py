@@ -44,6 +44,39 @@ def test_b16_parameter_count_matches_openai_clip():
   assert params["textual"]["token_embed"].shape == (49408, 512)
 
 
+def test_b32_parameter_count_matches_openai_clip():
+  c = config_lib.b32_config()
+  m = build_model(c)
+  img = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
+  tok = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+  params = nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(0), img, tok)["params"])
+  assert _n_params(params) == 151_277_313  # OpenAI CLIP ViT-B/32
+  assert params["visual"]["pos_embed"].shape == (50, 768)
+
+
+def test_pod_presets_are_pod_safe_and_refuse_synthetic_data():
+  from qtx import config_lib as cl
+  for fn, name in ((cl.b16_config, "configs/clip_b16.py"), (cl.b32_config, "configs/clip_b32.py")):
+    c = fn("gated")
+    assert (c.model.dtype, c.model.remat) == ("bfloat16", "dots")
+    assert c.checkpoint.every_steps == 1000 and c.mesh.shape.fsdp == -1
+    assert c.model.image.attention.gate == "linear"
+    with pytest.raises(ValueError, match=rf"refuses the embedded synthetic.*{name}:runlocal"):
+      cl.validate(c)
+    c.data.name, c.data.path = "folder", "/data/my_pairs"
+    cl.validate(c)  # real data: accepted
+    r = fn("gated,runlocal")
+    assert r.model.image.attention.gate == "linear" and r.model.dtype == "bfloat16"
+    assert r.train.batch_size <= 8 and r.train.total_steps <= 4
+    cl.validate(r)  # runlocal allows the synthetic data
+  with pytest.raises(ValueError, match=r"unknown config argument word\(s\) \['runlcoal'\]"):
+    cl.b16_config("gated,runlcoal")
+  with pytest.raises(ValueError, match="2 normalizer presets"):
+    cl.b16_config("gated,softplus")
+  assert cl.config_words(None) == ("softmax", False)
+  assert cl.config_words("runlocal, clipped_softmax") == ("clipped_softmax", True)
+
+
 @pytest.mark.parametrize("preset", config_lib.NORMALIZER_PRESETS)
 def test_tower_shapes_and_normalised_embeddings(preset):
   c = micro_config(preset)

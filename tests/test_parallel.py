@@ -107,6 +107,7 @@ def test_train_steps_equal_on_mesh_and_single_device():
 
 def test_b16_fsdp_shards_every_large_parameter_without_allocating():
   c = config_lib.b16_config()
+  c.data.allow_synthetic = True  # shapes only: nothing is trained
   c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
   s = train.setup(c)  # eval_shape only; raises if a >1 MiB param is replicated
   leaves = jax.tree_util.tree_flatten_with_path(s.abstract_state.params)[0]
@@ -127,6 +128,7 @@ def test_b16_fsdp_shards_every_large_parameter_without_allocating():
 
 def test_check_fsdp_catches_replicated_large_param():
   c = config_lib.b16_config()
+  c.data.allow_synthetic = True  # shapes only: nothing is trained
   c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
   c.mesh.rules = "replicated"
   with pytest.raises(ValueError, match="large parameters are replicated"):

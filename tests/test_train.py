@@ -100,7 +100,7 @@ def test_unknown_normalizer_and_bad_values_are_clear_errors():
     c = micro_config(**{"data.shape_scale": bad})
     with pytest.raises(ValueError, match=r"data.shape_scale must be in \(0, 1.5\]"):
       config_lib.validate(c)
-  with pytest.raises(ValueError, match="unknown normalizer preset"):
+  with pytest.raises(ValueError, match=r"unknown config argument word\(s\) \['relu'\]"):
     config_lib.tiny_config("relu")
   c = micro_config(**{"train.end_lr_fraction": 1.5})
   with pytest.raises(ValueError, match=r"train.end_lr_fraction must be in \[0, 1\], got 1.5"):
