@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from qtx.data.pipeline import EvalTask
+from qtx.data.pipeline import ClassificationStream, EvalTask
 
 
 def encode_batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -106,10 +106,34 @@ def zeroshot_accuracy(zi_NxE: np.ndarray, zc_CxE: np.ndarray, labels_N: np.ndarr
   return {f"zeroshot_top{k}": float(hits[k] / zi_NxE.shape[0]) for k in ks}
 
 
+def evaluate_classification(encode_image, encode_text, task: ClassificationStream,
+                            batch_size: int, context_length: int,
+                            prefix: str = "eval/") -> dict[str, float]:
+  """Zero-shot top-1/top-5 over a whole classification split, streamed: images are decoded and
+  encoded one batch at a time and only their embeddings are kept (N x E)."""
+  zc = class_embeddings(encode_text, task.prompt_tokens(context_length), batch_size)
+  zs, labels = [], []
+  for images, y in task.batches(batch_size):
+    zs.append(encode_batched(encode_image, images, batch_size))
+    labels.append(y)
+  if not zs:
+    raise ValueError(f"zero-shot split {task.name!r} has no readable images")
+  zi, y = np.concatenate(zs), np.concatenate(labels)
+  out = {f"{prefix}{k}": v for k, v in zeroshot_accuracy(zi, zc, y).items()}
+  out[f"{prefix}num_samples"] = int(len(y))
+  return out
+
+
 def evaluate(encode_image, encode_text, task: EvalTask, batch_size: int,
-             prefix: str = "eval/") -> dict[str, float]:
+             prefix: str = "eval/", context_length: int | None = None) -> dict[str, float]:
   """Retrieval (R@1/5/10 both ways, any number of captions per image) and, for a task with
-  labels, zero-shot top-1/top-5, over the whole task."""
+  labels, zero-shot top-1/top-5, over the whole task. A ClassificationStream is evaluated
+  streamed (zero-shot only; needs context_length)."""
+  if isinstance(task, ClassificationStream):
+    if context_length is None:
+      raise ValueError("a streamed classification task needs the text context_length")
+    return evaluate_classification(encode_image, encode_text, task, batch_size,
+                                   context_length, prefix)
   zi = encode_batched(encode_image, task.images, batch_size)
   out = {}
   if task.tokens is not None and len(task.tokens):

@@ -350,7 +350,10 @@ def zeroshot_tasks(config) -> dict:
   out = {}
   for item in (x.strip() for x in spec.split(",") if x.strip()):
     name, _, path = item.partition("@")
-    out[name] = data_sources.make_eval_task(config, name, path or None)
+    if name in data_sources.STREAMED_CLASSIFICATION:
+      out[name] = data_sources.make_classification_stream(config, name, path or None)
+    else:
+      out[name] = data_sources.make_eval_task(config, name, path or None)
   return out
 
 
@@ -360,7 +363,8 @@ def evaluate_all(enc_i, enc_t, params, task, extra_tasks, config) -> dict:
   ft = lambda x: enc_t(params, x)
   out = evaluate.evaluate(fi, ft, task, config.eval.batch_size)
   for name, t in extra_tasks.items():
-    out.update(evaluate.evaluate(fi, ft, t, config.eval.batch_size, prefix=f"eval/{name}/"))
+    out.update(evaluate.evaluate(fi, ft, t, config.eval.batch_size, prefix=f"eval/{name}/",
+                                 context_length=config.model.text.context_length))
   return out
 
 

@@ -10,7 +10,7 @@ templates) and image<->text retrieval.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 import numpy as np
@@ -127,6 +127,40 @@ class EvalTask:
       raise ValueError("every class needs the same number of prompts")
     flat = tokenizer_lib.tokenize([p for row in prompts for p in row], context_length)
     return flat.reshape(len(prompts), len(prompts[0]), context_length)
+
+
+@dataclasses.dataclass
+class ClassificationStream:
+  """A zero-shot classification split read record by record (never held in memory whole): the
+  source, its class names and prompt templates, and how to encode a record."""
+  name: str
+  source: Any
+  class_names: Sequence[str]
+  templates: Sequence[str]
+  encode: "Encode"
+  num_samples: Optional[int] = None  # None: the whole split
+
+  def batches(self, batch_size: int):
+    """(images B x H x W x C uint8, labels B) over the split in order; unreadable records are
+    skipped (and counted by the source)."""
+    n = len(self.source) if self.num_samples is None else min(self.num_samples, len(self.source))
+    imgs, labels = [], []
+    for i in range(n):
+      r = self.source[i]
+      if r is None:
+        continue
+      imgs.append(self.encode.map(r)["image"])
+      labels.append(int(r["label"]))
+      if len(imgs) == batch_size:
+        yield np.stack(imgs), np.asarray(labels, np.int32)
+        imgs, labels = [], []
+    if imgs:
+      yield np.stack(imgs), np.asarray(labels, np.int32)
+
+  def prompt_tokens(self, context_length: int) -> np.ndarray:
+    prompts = [t.format(c) for c in self.class_names for t in self.templates]
+    flat = tokenizer_lib.tokenize(prompts, context_length)
+    return flat.reshape(len(self.class_names), len(self.templates), context_length)
 
 
 def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTask:

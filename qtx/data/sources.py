@@ -313,7 +313,16 @@ def _fashion_mnist_factory(config, split):
                                     fit=fit, seed=config.seed)
 
 
+def _imagefolder_factory(config, split):
+  from qtx.data import imagefolder
+  if not config.data.path:
+    raise ValueError("data.name='imagefolder' needs a path: ROOT/<class>/<images>, e.g. "
+                     "--config.eval.zeroshot=imagefolder@/data/imagenet/val")
+  return imagefolder.ImageFolderSource(_data_dir(config), config.data.image_size)
+
+
 pipeline.register_source("tfds:", _tfds_factory)
+pipeline.register_source("imagefolder", _imagefolder_factory)
 pipeline.register_source("folder", _folder_factory)
 pipeline.register_source("fashion_mnist", _fashion_mnist_factory)
 pipeline.register_source("fashion_mnist:", _fashion_mnist_factory)
@@ -359,6 +368,24 @@ class _Prefix:
 
   def __getitem__(self, i):
     return self._records[i]
+
+
+# Sources evaluated as whole classification splits, streamed (never held in memory whole).
+STREAMED_CLASSIFICATION = ("imagefolder",)
+
+
+def make_classification_stream(config, name: str, path: Optional[str] = None,
+                               num_samples: Optional[int] = None):
+  """A `pipeline.ClassificationStream` over the whole split of a classification source."""
+  cfg = config.copy_and_resolve_references()
+  cfg.data.name = name
+  if path is not None:
+    cfg.data.path = path
+  src = pipeline.make_source(cfg, "eval")
+  enc = pipeline.Encode(cfg.model.text.context_length, cfg.model.image.image_size,
+                        cfg.model.image.channels)
+  return pipeline.ClassificationStream(name, src, tuple(src.class_names), tuple(src.templates),
+                                       enc, num_samples)
 
 
 def make_eval_task(config, name: Optional[str] = None, path: Optional[str] = None,
