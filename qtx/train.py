@@ -350,10 +350,10 @@ def zeroshot_tasks(config) -> dict:
   out = {}
   for item in (x.strip() for x in spec.split(",") if x.strip()):
     name, _, path = item.partition("@")
-    if name in data_sources.STREAMED_CLASSIFICATION:
-      out[name] = data_sources.make_classification_stream(config, name, path or None)
-    else:
-      out[name] = data_sources.make_eval_task(config, name, path or None)
+    task = None
+    if data_sources.is_streamed_classification(name):  # whole split, streamed
+      task = data_sources.make_classification_stream(config, name, path or None)
+    out[name] = task or data_sources.make_eval_task(config, name, path or None)
   return out
 
 

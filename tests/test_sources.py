@@ -57,6 +57,12 @@ def test_openai_imagenet_protocol_data():
   assert templates.check_templates(ts) == ts
   assert ts[0] == "a bad photo of a {}." and ts[-1] == "a tattoo of the {}."
   assert templates.get("openai_imagenet") == ts
+  # tfds:imagenet2012 (labels are the sorted WordNet ids) gets the same names and templates
+  from qtx.data import tfds_source
+  wnids = [f"n{10000000 + i:08d}" for i in range(1000)]
+  assert tfds_source.default_class_names("imagenet2012", wnids) == names
+  assert templates.for_dataset("tfds:imagenet2012/5.1.0") == ts
+  assert templates.for_dataset("tfds:imagenet_v2") == ts
   import os
   import qtx.data
   lic = open(os.path.join(os.path.dirname(qtx.data.__file__),
@@ -522,6 +528,22 @@ def tfds_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tfds"))
   QtxTestCaptions(data_dir=d, file_format="array_record").download_and_prepare()
   return d
+
+
+def test_tfds_classification_zeroshot_is_streamed_over_the_whole_split(tfds_dir):
+  """eval.zeroshot=tfds:<classification set>: the whole split, streamed, not eval.num_samples
+  (which bounds only the training data's own eval split); a captioned TFDS set stays a
+  retrieval task."""
+  from qtx import train
+  c = micro_config(**{"eval.zeroshot": "tfds:cifar10?eval=test", "eval.num_samples": 4})
+  with tfds.testing.mock_data(num_examples=12):
+    task = train.zeroshot_tasks(c)["tfds:cifar10?eval=test"]
+    assert isinstance(task, pipeline.ClassificationStream) and len(task.class_names) == 10
+    seen = sum(len(y) for _, y in task.batches(5))
+    assert seen == 12
+  c = micro_config(**{"eval.zeroshot": f"tfds:qtx_test_captions@{tfds_dir}"})
+  task = train.zeroshot_tasks(c)["tfds:qtx_test_captions"]
+  assert isinstance(task, pipeline.EvalTask)
 
 
 def test_tfds_array_record_captions_and_bad_records(tfds_dir):

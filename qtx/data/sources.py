@@ -370,18 +370,27 @@ class _Prefix:
     return self._records[i]
 
 
-# Sources evaluated as whole classification splits, streamed (never held in memory whole).
-STREAMED_CLASSIFICATION = ("imagefolder",)
+# Sources evaluated as whole classification splits, streamed (never held in memory whole):
+# imagefolder, and a TFDS dataset with class labels (e.g. tfds:imagenet2012).
+STREAMED_CLASSIFICATION = ("imagefolder", "tfds:")
+
+
+def is_streamed_classification(name: str) -> bool:
+  return any(name == k or (k.endswith(":") and name.startswith(k))
+             for k in STREAMED_CLASSIFICATION)
 
 
 def make_classification_stream(config, name: str, path: Optional[str] = None,
                                num_samples: Optional[int] = None):
-  """A `pipeline.ClassificationStream` over the whole split of a classification source."""
+  """A `pipeline.ClassificationStream` over the whole split of a classification source, or None
+  when the source has no class labels (a captioned set: evaluate it with make_eval_task)."""
   cfg = config.copy_and_resolve_references()
   cfg.data.name = name
   if path is not None:
     cfg.data.path = path
   src = pipeline.make_source(cfg, "eval")
+  if not getattr(src, "class_names", ()):
+    return None
   enc = pipeline.Encode(cfg.model.text.context_length, cfg.model.image.image_size,
                         cfg.model.image.channels)
   return pipeline.ClassificationStream(name, src, tuple(src.class_names), tuple(src.templates),

@@ -181,6 +181,10 @@ def default_class_names(dataset: str, label_names: Sequence[str]) -> tuple[str, 
   if dataset == "fashion_mnist" and len(names) == 10:
     from qtx.data import fashion_mnist
     return fashion_mnist.CLASS_NAMES
+  if len(names) == len(templates_lib.IMAGENET_CLASSNAMES) and all(
+      _WORDNET_ID.match(n) for n in names):
+    # ImageNet-1k (imagenet2012 and its variants label by sorted WordNet id): OpenAI's names
+    return templates_lib.IMAGENET_CLASSNAMES
   if names and all(_WORDNET_ID.match(n) for n in names):
     logging.warning("TFDS %s: class names are WordNet ids (e.g. %r); zero-shot prompts need "
                     "readable names: pass data.name='tfds:%s?class_names=<file>'", dataset,
