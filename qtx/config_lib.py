@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
   c.data.path = ""
+  c.data.eval_path = ""  # webdataset: held-out shards (else 2% of data.path by key hash)
   c.data.image_size = 224
   c.data.num_workers = 0
   c.data.prefetch = 2

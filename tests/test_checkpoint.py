@@ -54,14 +54,22 @@ def _saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit())
 
 
-def test_sigkill_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", "webdataset"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, data):
   total = 10
+  extra = ()
+  if data == "webdataset":  # tar shards: the iterator position restores to the exact sample
+    from test_webdataset import make_shards
+    make_shards(str(tmp_path / "shards"), n_shards=3, per_shard=10)
+    extra = ("--config.data.name=webdataset",
+             f"--config.data.path={tmp_path / 'shards' / '{00000..00002}.tar'}")
   ref = tmp_path / "ref"
-  r = subprocess.run(_cmd(ref, total), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(_cmd(ref, total, extra=extra), cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
 
   run = tmp_path / "run"
-  p = subprocess.Popen(_cmd(run, total), cwd=ROOT, stdout=subprocess.DEVNULL,
+  p = subprocess.Popen(_cmd(run, total, extra=extra), cwd=ROOT, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and not [s for s in _saved_steps(run) if s >= 4]:
@@ -70,7 +78,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
   p.wait()
   killed_at = _saved_steps(run)
   assert killed_at and killed_at[-1] < total, killed_at
-  r = subprocess.run(_cmd(run, total), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(_cmd(run, total, extra=extra), cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
 
   ref_losses, run_losses = _losses(ref), _losses(run)

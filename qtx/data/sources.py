@@ -8,6 +8,11 @@ imported lazily the first time a name is not yet registered):
                                              (`qtx.data.tfds_source`); data.path = data_dir
   folder                                     images + captions.jsonl / captions.csv under
                                              data.path (`qtx.data.folder`)
+  webdataset                                 tar shards (img2dataset layout): data.path a
+                                             brace pattern, directory or list file, local or
+                                             gs:// (`qtx.data.webdataset`); data.eval_path
+  imagefolder                                class-per-folder images, for zero-shot
+                                             evaluation (`qtx.data.imagefolder`)
   fashion_mnist[:pad]                        Fashion-MNIST idx files under data.path or
                                              /usr/share/datasets/fashion-mnist
                                              (`qtx.data.fashion_mnist`)
@@ -321,7 +326,18 @@ def _imagefolder_factory(config, split):
   return imagefolder.ImageFolderSource(_data_dir(config), config.data.image_size)
 
 
+def _webdataset_factory(config, split):
+  from qtx.data import webdataset
+  eval_path = config.data.get("eval_path", "")
+  if split == "eval" and eval_path:
+    return webdataset.WebDatasetSource(eval_path, "eval", config.data.image_size,
+                                       seed=config.seed, held_out=False)
+  return webdataset.WebDatasetSource(config.data.path, split, config.data.image_size,
+                                     seed=config.seed, held_out=not eval_path)
+
+
 pipeline.register_source("tfds:", _tfds_factory)
+pipeline.register_source("webdataset", _webdataset_factory)
 pipeline.register_source("imagefolder", _imagefolder_factory)
 pipeline.register_source("folder", _folder_factory)
 pipeline.register_source("fashion_mnist", _fashion_mnist_factory)
