@@ -94,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ""
   c.data.eval_path = ""  # webdataset: held-out shards (else 2% of data.path by key hash)
   c.data.image_size = 224
+  c.data.augment = "none"  # none | random_resized_crop (training only; eval never augments)
+  c.data.augment_scale = (0.9, 1.0)  # random_resized_crop: range of the crop's area fraction
   c.data.num_workers = 0
   c.data.prefetch = 2
   c.data.eval_size = 1024
@@ -298,6 +300,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if img.image_size % img.patch_size:
     raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
                      f"patch_size {img.patch_size}")
+  from qtx.data import augment as augment_lib
+  augment_lib.check(c.data.get("augment", "none"), c.data.get("augment_scale", (0.9, 1.0)))
   if c.data.name == "synthetic" and not c.data.get("allow_synthetic", True):
     preset = c.data.get("preset", "") or "this preset"
     raise ValueError(

@@ -168,3 +168,45 @@ def test_mostly_bad_dataset_stops_with_a_message(tmp_path):
   with pytest.raises(ValueError, match="no usable samples"):
     webdataset.WebDatasetSource(str(tmp_path / "nothing.tar"), "train", 16)
   assert sources.SKIPPED.count > 0
+
+
+def test_random_resized_crop_draws_and_is_exact_on_resume(tmp_path):
+  from qtx.data import augment
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    H, W = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+    top, left, h, w = augment.crop_box(H, W, rng, (0.5, 1.0))
+    assert 0 <= top and top + h <= H and 0 <= left and left + w <= W
+    if (h, w) != (H, W):
+      assert 0.5 * H * W * 0.9 <= h * w <= H * W and 0.7 <= w / h <= 1.4
+  with pytest.raises(ValueError, match="unknown data.augment 'flip'"):
+    augment.check("flip", (0.9, 1.0))
+  with pytest.raises(ValueError, match="augment_scale"):
+    augment.check("random_resized_crop", (0.0, 1.0))
+  root = str(tmp_path / "d")
+  make_shards(root, n_shards=2, per_shard=4)
+  c = micro_config(**{"data.name": "webdataset", "data.path": root, "train.batch_size": 2,
+                      "data.augment": "random_resized_crop", "data.augment_scale": (0.3, 0.6)})
+  it = iter(pipeline.train_dataset(c))
+  batches = [next(it) for _ in range(14)]  # 7 train samples: two epochs
+  assert all(b["image"].shape == (2, 16, 16, 3) and b["image"].dtype == np.uint8
+             for b in batches)
+  state = it.get_state()
+  want = [np.asarray(next(it)["image"]) for _ in range(3)]
+  it2 = iter(pipeline.train_dataset(c))
+  it2.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(np.asarray(next(it2)["image"]), w)
+  # without augmentation the same sample gives the same pixels every epoch; with it, not
+  plain = micro_config(**{"data.name": "webdataset", "data.path": root, "train.batch_size": 7})
+  e = iter(pipeline.train_dataset(plain))
+  a, b = next(e), next(e)
+  key = lambda x: {tuple(t): i for i, t in enumerate(np.asarray(x["tokens"]))}
+  ka, kb = key(a), key(b)
+  t = next(iter(ka))
+  np.testing.assert_array_equal(a["image"][ka[t]], b["image"][kb[t]])
+  c.train.batch_size = 7
+  e = iter(pipeline.train_dataset(c))
+  a, b = next(e), next(e)
+  ka, kb = key(a), key(b)
+  assert not np.array_equal(a["image"][ka[t]], b["image"][kb[t]])

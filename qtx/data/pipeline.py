@@ -89,12 +89,23 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of "
                      f"processes {process_count}")
   src = source if source is not None else make_source(config, "train")
+  from qtx.data import augment as augment_lib
+  aug = config.data.get("augment", "none")
+  scale = augment_lib.check(aug, config.data.get("augment_scale", (0.9, 1.0)))
+  if aug != "none":
+    if not hasattr(src, "fit"):
+      raise ValueError(f"data.augment={aug!r} needs a source that decodes images itself "
+                       f"(folder, webdataset); data.name={config.data.name!r} does not")
+    src.fit = "keep"  # decoded as is; the crop below makes it image_size x image_size
   ds = grain.MapDataset.source(src)
   if len(src) < 2**30:  # finite sources: reshuffle every epoch and repeat forever
     ds = ds.shuffle(seed=config.seed).repeat()
   ds = ds[process_index::process_count]
   # Sources return None for a record they cannot decode (counted in sources.SKIPPED).
   ds = ds.filter(lambda r: r is not None)
+  if aug == "random_resized_crop":
+    ds = ds.random_map(augment_lib.RandomResizedCrop(config.model.image.image_size, scale),
+                       seed=config.seed)
   ds = ds.map(Encode(config.model.text.context_length, config.model.image.image_size,
                      config.model.image.channels))
   opts = grain.ReadOptions(num_threads=max(1, config.data.num_workers or 2),

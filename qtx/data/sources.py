@@ -145,7 +145,7 @@ SKIPPED = SkipCounter("all")
 # ---------------------------------------------------------------------------------------------
 # Image decoding and resizing (PIL; no TensorFlow)
 
-FIT_MODES = ("crop", "pad", "stretch")
+FIT_MODES = ("crop", "pad", "stretch", "keep")  # keep: as decoded (training augmentation)
 ImageInput = Union[str, bytes, np.ndarray, Any]
 
 
@@ -244,14 +244,15 @@ def fit_image(rgb_HxWx3: np.ndarray, size: int, mode: str = "crop",
            take the centre square (CLIP's evaluation transform);
   pad:     centre the image on a size x size canvas of grey level `fill` (shrinking it first,
            keeping its aspect ratio, only if it does not fit);
-  stretch: resize to size x size ignoring the aspect ratio.
+  stretch: resize to size x size ignoring the aspect ratio;
+  keep:    unchanged (a later augmentation crops and resizes it).
   """
   if mode not in FIT_MODES:
     raise ValueError(f"unknown fit mode {mode!r}; choose one of {FIT_MODES}")
   if size < 1:
     raise ValueError(f"image size must be >= 1, got {size}")
   h, w = rgb_HxWx3.shape[:2]
-  if (h, w) == (size, size):
+  if mode == "keep" or (h, w) == (size, size):
     return np.ascontiguousarray(rgb_HxWx3, dtype=np.uint8)
   PIL = _pil()
   img = PIL.Image.fromarray(np.ascontiguousarray(rgb_HxWx3, dtype=np.uint8))
