@@ -210,3 +210,39 @@ def test_random_resized_crop_draws_and_is_exact_on_resume(tmp_path):
   a, b = next(e), next(e)
   ka, kb = key(a), key(b)
   assert not np.array_equal(a["image"][ka[t]], b["image"][kb[t]])
+
+
+def test_five_caption_eval_sets_from_webdataset_and_folder(tmp_path):
+  """Eval samples with several captions: every caption enters retrieval, mapped to its image."""
+  rng = np.random.default_rng(3)
+  ev = tmp_path / "ev"
+  os.makedirs(ev)
+  with tarfile.open(ev / "00000.tar", "w") as tar:
+    for i in range(4):
+      _add(tar, f"{i:04d}.jpg", _jpeg(rng))
+      _add(tar, f"{i:04d}.txt", f"image {'abcd'[i]}".encode())
+      caps = [f"image {'abcd'[i]} caption {'vwxyz'[j]}" for j in range(5)]
+      _add(tar, f"{i:04d}.json", json.dumps({"captions": caps}).encode())
+  make_shards(str(tmp_path / "tr"), n_shards=1, per_shard=4)
+  c = micro_config(**{"data.name": "webdataset", "data.path": str(tmp_path / "tr"),
+                      "data.eval_path": str(ev)})
+  task = pipeline.eval_task(c, num_samples=4)
+  assert task.tokens.shape == (20, 16)
+  np.testing.assert_array_equal(task.caption_image, np.repeat(np.arange(4), 5))
+  # folder: a JSONL caption list
+  fd = tmp_path / "folder"
+  os.makedirs(fd)
+  lines = []
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(fd / f"{i}.png")
+    lines.append(json.dumps({"image": f"{i}.png", "caption": [f"one {i}", f"two {i}", ""]}))
+  (fd / "captions_eval.jsonl").write_text("\n".join(lines) + "\n")
+  (fd / "captions_train.jsonl").write_text("\n".join(lines) + "\n")
+  c = micro_config(**{"data.name": "folder", "data.path": str(fd)})
+  task = pipeline.eval_task(c, num_samples=3)
+  assert task.tokens.shape[0] == 6  # two non-empty captions each
+  np.testing.assert_array_equal(task.caption_image, [0, 0, 1, 1, 2, 2])
+  from qtx import evaluate
+  z = np.eye(3)
+  m = evaluate.evaluate(lambda x: z[:len(x)], lambda t: z[task.caption_image[:len(t)]], task, 6)
+  assert m["eval/i2t_r1"] == 1.0 and m["eval/t2i_r1"] == 1.0

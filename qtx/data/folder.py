@@ -189,6 +189,9 @@ class FolderSource:
       self.counter.record(path, f"unreadable image: {type(e).__name__}: {e}", key=self._key(idx))
       return None
     rec = {"image": image, "caption": caption}
+    c = self._captions[idx]
+    if self.split == "eval" and isinstance(c, (list, tuple)):  # multi-caption retrieval
+      rec["captions"] = [x for x in (sources.clean_caption(v) for v in c) if x]
     if self._labels is not None:
       rec["label"] = self._labels[idx]
     return rec

@@ -185,12 +185,18 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
   enc = Encode(config.model.text.context_length, config.model.image.image_size,
                config.model.image.channels)
   images = np.stack([enc.map(r)["image"] for r in recs])
-  tokens = tokenizer_lib.tokenize([r["caption"] for r in recs],
+  # several captions per image (r["captions"]): every one is a retrieval query/target
+  caps = [list(r.get("captions") or [r["caption"]]) for r in recs]
+  caption_image = None
+  if any(len(c) > 1 for c in caps):
+    caption_image = np.repeat(np.arange(len(recs)), [len(c) for c in caps]).astype(np.int64)
+  tokens = tokenizer_lib.tokenize([c for cs in caps for c in cs],
                                   config.model.text.context_length).astype(np.int32)
   labels = None
   if all("label" in r for r in recs):
     labels = np.asarray([r["label"] for r in recs], np.int32)
   return EvalTask(name=config.data.name, images=images, tokens=tokens, labels=labels,
+                  caption_image=caption_image,
                   class_names=tuple(getattr(src, "class_names", ())),
                   templates=tuple(getattr(src, "templates", ())),
                   prompts=tuple(tuple(p) for p in getattr(src, "prompts", ())))

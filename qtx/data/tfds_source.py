@@ -248,19 +248,23 @@ class TfdsSource:
   def _where(self, idx: int) -> str:
     return f"tfds:{self.name}/{self.tfds_split}[{idx}]"
 
-  def _pick_caption(self, example, idx: int) -> str:
+  def _caption_options(self, example) -> list[str]:
     key, sub = self._caption_key
     value = example[key]
     if sub is not None:
       value = value[sub] if isinstance(value, dict) else value
     if isinstance(value, (list, tuple, np.ndarray)):
-      options = [c for c in (sources.clean_caption(v) for v in list(value)) if c]
-      if not options:
-        return ""
-      if self.split == "eval":
-        return options[0]
-      return options[templates_lib.pick_index(len(options), self.seed, idx, "caption")]
-    return sources.clean_caption(value)
+      return [c for c in (sources.clean_caption(v) for v in list(value)) if c]
+    c = sources.clean_caption(value)
+    return [c] if c else []
+
+  def _pick_caption(self, example, idx: int) -> str:
+    options = self._caption_options(example)
+    if not options:
+      return ""
+    if self.split == "eval":
+      return options[0]
+    return options[templates_lib.pick_index(len(options), self.seed, idx, "caption")]
 
   def __getitem__(self, idx):
     idx = int(idx)
@@ -279,6 +283,8 @@ class TfdsSource:
       rec["label"] = int(example[self._label_key])
     if self._caption_key is not None:
       caption = self._pick_caption(example, idx)
+      if self.split == "eval":  # every caption, for multi-caption retrieval (COCO: 5)
+        rec["captions"] = self._caption_options(example)
     else:
       caption = templates_lib.caption(self.class_names[rec["label"]], self.templates, self.seed,
                                       idx)

@@ -28,6 +28,9 @@ kept), a stray member without a sample key, a sample without an image or without
 (found while indexing), and at read time a corrupt image or an empty caption. A dataset that is
 mostly bad stops with an error naming it.
 
+Several captions per image (COCO / Flickr30k-style eval sets): a `KEY.json` with a
+"captions" list gives every caption to retrieval in the eval split.
+
 Splits: `train` reads data.path; `eval` reads data.eval_path when set, else a deterministic
 2% of data.path's samples held out by a hash of their key (and excluded from `train`).
 """
@@ -229,7 +232,17 @@ class WebDatasetSource:
     except Exception as e:  # noqa: BLE001 - any decoder failure marks only this sample bad
       self.counter.record(where, f"unreadable image: {type(e).__name__}: {e}")
       return None
-    return {"image": image, "caption": caption}
+    rec = {"image": image, "caption": caption}
+    if self.split == "eval" and s.get("json") is not None:  # COCO-style: json "captions" list
+      try:
+        caps = json.loads(self._read(shard, s["json"])).get("captions")
+      except Exception:  # noqa: BLE001 - metadata is optional
+        caps = None
+      if isinstance(caps, list):
+        caps = [x for x in (sources.clean_caption(v) for v in caps) if x]
+        if caps:
+          rec["captions"] = caps
+    return rec
 
 
 def metadata(source: WebDatasetSource, idx: int) -> dict:
