@@ -146,16 +146,12 @@ def test_gamma_traced_under_jit_and_per_row():
   chex.assert_trees_all_close(got, want, atol=5e-5)
 
 
-def test_mosaic_layout_in_interpret_mode():
-  """The TPU code path (B x H x T x K, padded blocks, static loops) computes the same."""
-  B, T, H, K = 2, 45, 2, 16
-  q, k, v, w = _qkv(B, T, T, H, K, seed=9, scale=2.0)
-  key_mask = _lengths_mask([45, 30], T)
-  plan = attention_lib.make_plan(T, T, K, True, platform="tpu", block_q=16, block_k=32)
-  assert not plan.masked
+def _plan_matches_reference(plan, q, k, v, w, key_mask, gamma):
+  """Loss and gradients (q, k, v, gamma) of the kernel with `plan` equal the reference's,
+  causal with a key mask."""
+  T, K = q.shape[1], q.shape[3]
   st = attention_lib._Static(plan, T, T, K, True, 1 / np.sqrt(K), 1.0)
   km = key_mask.astype(jnp.int32)[:, None, :]
-  gamma = jnp.full((B, H, T, 1), -0.05, jnp.float32)
 
   def f(q, k, v, gamma):
     return jnp.sum(w * attention_lib._attention(q, k, v, km, gamma, st))
@@ -167,6 +163,17 @@ def test_mosaic_layout_in_interpret_mode():
   got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
   want = jax.jit(jax.value_and_grad(f_ref, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
   chex.assert_trees_all_close(got, want, atol=6e-5)
+
+
+def test_mosaic_layout_in_interpret_mode():
+  """The TPU code path (B x H x T x K, padded blocks, static loops) computes the same."""
+  B, T, H, K = 2, 45, 2, 16
+  q, k, v, w = _qkv(B, T, T, H, K, seed=9, scale=2.0)
+  key_mask = _lengths_mask([45, 30], T)
+  plan = attention_lib.make_plan(T, T, K, True, platform="tpu", block_q=16, block_k=32)
+  assert not plan.masked
+  gamma = jnp.full((B, H, T, 1), -0.05, jnp.float32)
+  _plan_matches_reference(plan, q, k, v, w, key_mask, gamma)
 
 
 def test_errors_name_the_bad_value():
@@ -194,18 +201,6 @@ def test_gpu_block_plan_in_interpret_mode():
   assert plan.platform == "gpu" and plan.masked and plan.head_block == 16
   assert (plan.block_q, plan.block_k) == (64, 64)
   assert attention_lib.make_plan(T, T, K, True).block_q == 32
-  st = attention_lib._Static(plan, T, T, K, True, 1 / np.sqrt(K), 1.0)
-  km = key_mask.astype(jnp.int32)[:, None, :]
   gamma = jnp.broadcast_to((-1.0 / jnp.arange(1, T + 1, dtype=jnp.float32))[None, None, :, None],
                            (B, H, T, 1))
-
-  def f(q, k, v, gamma):
-    return jnp.sum(w * attention_lib._attention(q, k, v, km, gamma, st))
-
-  def f_ref(q, k, v, gamma):
-    return jnp.sum(w * reference.attention_ref(q, k, v, causal=True, key_mask_BxS=key_mask,
-                                               gamma=gamma))
-
-  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
-  want = jax.jit(jax.value_and_grad(f_ref, argnums=(0, 1, 2, 3)))(q, k, v, gamma)
-  chex.assert_trees_all_close(got, want, atol=6e-5)
+  _plan_matches_reference(plan, q, k, v, w, key_mask, gamma)

@@ -31,12 +31,16 @@ def _n_params(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def test_b16_parameter_count_matches_openai_clip():
-  c = config_lib.b16_config()
+def _param_shapes(c):
+  """The parameter tree's shapes (eval_shape: nothing is allocated)."""
   m = build_model(c)
   img = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
   tok = jax.ShapeDtypeStruct((1, 77), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(0), img, tok)["params"])
+  return nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(0), img, tok)["params"])
+
+
+def test_b16_parameter_count_matches_openai_clip():
+  params = _param_shapes(config_lib.b16_config())
   # OpenAI CLIP ViT-B/16: 149,620,737 parameters (visual 86,192,640; text + logit_scale rest).
   assert _n_params(params) == 149_620_737
   assert _n_params(params["visual"]) == 86_192_640
@@ -45,11 +49,7 @@ def test_b16_parameter_count_matches_openai_clip():
 
 
 def test_b32_parameter_count_matches_openai_clip():
-  c = config_lib.b32_config()
-  m = build_model(c)
-  img = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
-  tok = jax.ShapeDtypeStruct((1, 77), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(0), img, tok)["params"])
+  params = _param_shapes(config_lib.b32_config())
   assert _n_params(params) == 151_277_313  # OpenAI CLIP ViT-B/32
   assert params["visual"]["pos_embed"].shape == (50, 768)
 
