@@ -43,3 +43,10 @@ def test_normalizer_grad_swaps_in_the_plain_formula_and_restores():
   assert "custom_vjp" not in jaxpr
   assert N._softplus_reweight_last is shipped
   np.testing.assert_allclose(y_plain, f(x), rtol=1e-6, atol=1e-7)
+
+
+def test_input_pipeline_benchmark_qtx_side_runs():
+  from benchmarks import input_pipeline
+  rows = input_pipeline.main(["--images", "8", "--size", "64", "--crop", "32", "--rounds", "1",
+                              "--qtx-only"])
+  assert len(rows["qtx"]) == 1 and rows["qtx"][0] > 0 and rows["open_clip"] == []
