@@ -108,13 +108,21 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
                        seed=config.seed)
   ds = ds.map(Encode(config.model.text.context_length, config.model.image.image_size,
                      config.model.image.channels))
-  opts = grain.ReadOptions(num_threads=max(1, config.data.num_workers or 2),
-                           prefetch_buffer_size=max(1, config.data.prefetch))
+  workers = int(config.data.num_workers)
+  if workers < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {workers}")
+  opts = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, config.data.prefetch))
   ds = ds.to_iter_dataset(opts)
   # A source whose records are mostly bad raises instead of looping forever.
   ds = grain.experimental.WithOptionsIterDataset(
       ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=0.5))
-  return ds.batch(global_batch // process_count, drop_remainder=True)
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  if workers:
+    # Decoding and augmentation in `workers` processes, each running the pipeline above on its
+    # share of the samples: deterministic and checkpointable (the position includes every
+    # worker's), though its batches differ from those of 0 workers.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
 
 
 @dataclasses.dataclass
