@@ -106,8 +106,9 @@ def load_run(workdir: str, step: int | str | None = None):
       node[name] = value
   # quant.keep_float once listed 'gates' and 'temperature', which were always float anyway
   kf = config.get("quant", {}).get("keep_float")
-  if isinstance(kf, str) and any(n in kf.split(",") for n in LEGACY_KEEP_FLOAT):
-    config.quant.keep_float = ",".join(n for n in kf.split(",") if n not in LEGACY_KEEP_FLOAT)
+  names = [n.strip() for n in kf.split(",") if n.strip()] if isinstance(kf, str) else []
+  if any(n in LEGACY_KEEP_FLOAT for n in names):
+    config.quant.keep_float = ",".join(n for n in names if n not in LEGACY_KEEP_FLOAT)
   if step is not None:
     config.init_from = os.path.join(workdir, "checkpoints", str(step))
   s = train.setup(config)

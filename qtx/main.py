@@ -78,9 +78,16 @@ def _flat(d, prefix=""):
   return out
 
 
+# Keys that define which sample comes next (the checkpointed data position) or the model: a
+# resume that changes one is refused instead of continuing with a different meaning.
+DATA_ORDER_KEYS = ("seed", "data.name", "data.path", "data.eval_path", "data.num_workers",
+                   "data.augment", "data.augment_scale", "train.batch_size", "data.image_size")
+
+
 def resume_changes(config, workdir: str) -> list[str]:
   """Lines naming every config key that differs from the run this workdir holds, when training
-  resumes from its checkpoints (empty for a new run)."""
+  resumes from its checkpoints (empty for a new run). Raises ValueError when a key of
+  DATA_ORDER_KEYS or model.* changed."""
   import json
   from etils import epath
   wd = epath.Path(workdir)
@@ -94,6 +101,12 @@ def resume_changes(config, workdir: str) -> list[str]:
              if k not in ("mode", "init_from") and old.get(k, "<absent>") != new.get(k, "<absent>")]
   if not changed:
     return []
+  order = [k for k in changed if k in DATA_ORDER_KEYS or k.startswith("model.")]
+  if order:
+    raise ValueError(
+        f"resuming {workdir}: {', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in order)}"
+        " changed since the run was started; the saved data position (or the model) would not "
+        "mean the same any more. Use a new --workdir, or resume with the old values")
   head = (f"resuming {workdir} with a config that differs from the one it was trained with "
           f"({len(changed)} key(s)); the run continues from its checkpoint with the new values:")
   return [head] + [f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"

@@ -646,7 +646,10 @@ def main(argv=None) -> int:
       print(f"error: --save needs a {SAFETENSORS_SUFFIX} path, got {args.save!r}",
             file=sys.stderr)
       return 2
-    write_safetensors(args.save, {k: v for k, v in sd.items() if k not in _METADATA_KEYS})
+    # OpenAI's metadata scalars stay (they mark the file as OpenAI's: QuickGELU); the attention
+    # masks are derived data and are dropped
+    write_safetensors(args.save, {k: v for k, v in sd.items()
+                                  if k not in _METADATA_KEYS or k in _OPENAI_MARKERS})
     source = os.path.abspath(args.save)
   print(json.dumps({**arch, "activation": activation}, indent=2))
   flags = config_overrides(arch)

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "clip_tiny.py")
 
@@ -50,3 +52,9 @@ def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
   capsys.readouterr()
   qmain.run(c, str(tmp_path))
   assert "qtx: warning: resuming" in capsys.readouterr().err
+  # keys that decide which sample comes next (or the model) cannot change on resume
+  for key, value in (("data.num_workers", 2), ("seed", 1), ("model.text.width", 48)):
+    d = micro_config(**{"train.total_steps": 4, "train.lr": 1e-3, "checkpoint.every_steps": 2,
+                        key: value})
+    with pytest.raises(ValueError, match=rf"{key} .* changed since the run was started"):
+      qmain.resume_changes(d, str(tmp_path))

@@ -76,8 +76,6 @@ _DATASET_SETS: dict[str, str] = {
     "imagenet2012": "openai_imagenet",
     "imagenet2012_subset": "openai_imagenet",
     "imagenet_v2": "openai_imagenet",
-    "imagenet_a": "openai_imagenet",
-    "imagenet_r": "openai_imagenet",
     "imagenet_sketch": "openai_imagenet",
 }
 

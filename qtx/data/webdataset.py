@@ -77,6 +77,26 @@ def _path(p: str):
   return epath.Path(p)
 
 
+def _open(path: str, attempts: int = 3):
+  """A binary file object for ranged reads. Remote paths go through fsspec without its
+  read-ahead cache (a default block cache would fetch megabytes around every small read);
+  opening is retried, so a transient failure does not drop a shard."""
+  import time
+  for attempt in range(attempts):
+    try:
+      if "://" in path:
+        import fsspec
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.open(p, "rb", cache_type="none")
+      return open(path, "rb")
+    except FileNotFoundError:
+      raise
+    except Exception:  # noqa: BLE001 - remote hiccups: retry, then let the caller count it
+      if attempt == attempts - 1:
+        raise
+      time.sleep(0.5 * 2 ** attempt)
+
+
 def shard_paths(spec: str) -> list[str]:
   """Shard paths from a brace pattern, a directory of .tar files or a list file."""
   spec = spec.strip()
@@ -122,7 +142,7 @@ def index_shard(path: str, counter: sources.SkipCounter) -> list[dict]:
   Reads only the tar headers. A missing/unreadable shard gives [] (counted); a truncated one
   gives the samples whose members are complete."""
   try:
-    f = _path(path).open("rb")
+    f = _open(path)
   except Exception as e:  # noqa: BLE001 - any failure to open marks only this shard bad
     counter.record(path, f"missing or unreadable shard: {type(e).__name__}: {e}")
     return []
@@ -202,7 +222,7 @@ class WebDatasetSource:
 
   def _read(self, shard: str, where: tuple[int, int]) -> bytes:
     offset, size = where
-    with _path(shard).open("rb") as f:
+    with _open(shard) as f:
       f.seek(offset)
       data = f.read(size)
     if len(data) != size:
