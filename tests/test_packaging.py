@@ -30,4 +30,4 @@ def test_importing_the_library_defines_no_absl_flags():
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   lib, cli = out.stdout.strip().splitlines()
   assert lib == "[]", lib
-  assert cli == "['config', 'workdir']", cli  # the CLI module itself, when imported
+  assert cli == "['config', 'print_config', 'verbose', 'workdir']", cli  # the CLI module itself
