@@ -269,6 +269,26 @@ def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return _pod_config(arg, 32, "configs/clip_b32.py")
 
 
+# Keys added after runs were first saved, with the value that reproduces a run saved before the
+# key existed (data.omit_prob: such runs trained on full captions). `fill_legacy` adds them to a
+# saved config (eval_run.load_run, and main's resume check, read config.json through it).
+LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0, "data.eval_path": "",
+                   "data.augment": "none", "data.augment_scale": (0.9, 1.0),
+                   "data.allow_synthetic": True, "data.preset": ""}
+
+
+def fill_legacy(config: dict) -> dict:
+  """A saved config (nested dicts or a ConfigDict) with the keys it predates filled in."""
+  for key, value in LEGACY_DEFAULTS.items():
+    *parents, name = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if name not in node:
+      node[name] = value
+  return config
+
+
 MODES = ("train", "eval", "ptq")
 LOSSES = ("clip", "siglip", "infoloob")
 
@@ -301,9 +321,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
                      f"patch_size {img.patch_size}")
   from qtx.data import augment as augment_lib
-  augment_lib.check(c.data.get("augment", "none"), c.data.get("augment_scale", (0.9, 1.0)))
-  if c.data.name == "synthetic" and not c.data.get("allow_synthetic", True):
-    preset = c.data.get("preset", "") or "this preset"
+  augment_lib.check(c.data.augment, c.data.augment_scale)
+  if c.data.name == "synthetic" and not c.data.allow_synthetic:
+    preset = c.data.preset or "this preset"
     raise ValueError(
         f"data.name=synthetic: {preset} is a pod preset and refuses the embedded synthetic "
         "shapes; point it at your data (--config.data.name=webdataset|folder|tfds:NAME "

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from qtx import checkpoint as ckpt_lib
+from qtx import config_lib
 from qtx import train
 from qtx.data import pipeline
 from qtx.metrics import MetricsWriter
@@ -82,28 +83,19 @@ def load_params(config, workdir: str, s: train.Setup | None = None):
   return state.params, int(jax.device_get(state.step))
 
 
-# Config keys added after runs were first saved, with the value that reproduces a run saved
-# before the key existed (data.omit_prob: such runs trained on full captions).
-LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0}
 LEGACY_KEEP_FLOAT = ("gates", "temperature")
 
 
 def load_run(workdir: str, step: int | str | None = None):
   """(config, setup, params, step) of a run `qtx.main` wrote: WORKDIR/config.json and the
   checkpoint of training step `step` (the latest when None). Keys the saved config predates
-  get their LEGACY_DEFAULTS value."""
+  get their config_lib.LEGACY_DEFAULTS value."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist: {workdir!r} is not a qtx.main workdir")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  for key, value in LEGACY_DEFAULTS.items():
-    *parents, name = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if name not in node:
-      node[name] = value
+  config_lib.fill_legacy(config)
   # quant.keep_float once listed 'gates' and 'temperature', which were always float anyway
   kf = config.get("quant", {}).get("keep_float")
   names = [n.strip() for n in kf.split(",") if n.strip()] if isinstance(kf, str) else []

@@ -98,12 +98,15 @@ def retrieval_recalls(zi_NxE: np.ndarray, zt_MxE: np.ndarray,
 def zeroshot_accuracy(zi_NxE: np.ndarray, zc_CxE: np.ndarray, labels_N: np.ndarray,
                       ks=(1, 5), block: int = 4096) -> dict[str, float]:
   """Top-k zero-shot accuracy, scoring `block` images at a time (memory block x C)."""
+  C = zc_CxE.shape[0]
   hits = {k: 0 for k in ks}
   for s in range(0, zi_NxE.shape[0], block):
     scores = zi_NxE[s:s + block] @ zc_CxE.T
+    y = labels_N[s:s + block]
+    rank = _ranks(scores, scores[np.arange(len(y)), y], y)  # ties: lower class first
     for k in ks:
-      hits[k] += round(topk_accuracy(scores, labels_N[s:s + block], k) * scores.shape[0])
-  return {f"zeroshot_top{k}": float(hits[k] / zi_NxE.shape[0]) for k in ks}
+      hits[k] += int(np.sum(rank < min(k, C)))
+  return {f"zeroshot_top{k}": hits[k] / zi_NxE.shape[0] for k in ks}
 
 
 def evaluate_classification(encode_image, encode_text, task: ClassificationStream,

@@ -37,7 +37,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False,
 flags.mark_flags_as_required(["config"])
 
 # Errors that mean "the configuration or the input is wrong": one line for people.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def run(config, workdir: str) -> dict:
@@ -49,11 +49,9 @@ def run(config, workdir: str) -> dict:
   if not is_remote(workdir):
     workdir = os.path.abspath(os.path.expanduser(workdir))
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if config.mode == "train":
+  if config.mode == "train" and jax.process_index() == 0:
     for line in resume_changes(config, workdir):
-      logging.warning("%s", line)
-      if jax.process_index() == 0:
-        print(f"qtx: warning: {line}", file=sys.stderr, flush=True)
+      print(f"qtx: warning: {line}", file=sys.stderr, flush=True)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   if config.mode == "train":
@@ -90,12 +88,14 @@ def resume_changes(config, workdir: str) -> list[str]:
   DATA_ORDER_KEYS or model.* changed."""
   import json
   from etils import epath
+  from qtx import config_lib
   wd = epath.Path(workdir)
   saved = wd / "config.json"
   ckpts = wd / "checkpoints"
   if not (saved.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
     return []
-  old = _flat(json.loads(saved.read_text()))
+  # the JSON round trip makes legacy tuples compare like the saved lists
+  old = _flat(json.loads(json.dumps(config_lib.fill_legacy(json.loads(saved.read_text())))))
   new = _flat(json.loads(config.to_json_best_effort()))
   changed = [k for k in sorted(set(old) | set(new))
              if k not in ("mode", "init_from") and old.get(k, "<absent>") != new.get(k, "<absent>")]
@@ -129,8 +129,7 @@ def main(argv):
   except USER_ERRORS as e:
     if _VERBOSE.value:
       raise
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"qtx: error: {msg}\n(rerun with --verbose for the traceback)", file=sys.stderr)
+    print(f"qtx: error: {e}\n(rerun with --verbose for the traceback)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -81,7 +81,6 @@ DEFAULT_HEAD_DIM = 64
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask",
                   "visual.attn_mask", "text.attn_mask")
 _OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
-ACTIVATION_CHOICES = ("quick_gelu", "gelu", "gelu_tanh")
 
 
 def is_torchscript(path: str) -> bool:
@@ -619,7 +618,8 @@ def main(argv=None) -> int:
   parser.add_argument("checkpoint", help="a .pt, .pth, .bin or .safetensors CLIP state_dict")
   parser.add_argument("--head_dim", type=int, default=DEFAULT_HEAD_DIM,
                       help="attention head width (heads = width // head_dim)")
-  parser.add_argument("--activation", choices=ACTIVATION_CHOICES, default=None,
+  from qtx.nn.transformer import ACTIVATIONS
+  parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
                       help="the MLP activation the checkpoint was trained with; needed unless "
                            "the file is recognisably OpenAI's (QuickGELU)")
   parser.add_argument("--allow_torchscript", action="store_true",

@@ -52,6 +52,13 @@ def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
   capsys.readouterr()
   qmain.run(c, str(tmp_path))
   assert "qtx: warning: resuming" in capsys.readouterr().err
+  # a run saved before a key existed is compared with that key's legacy value, not refused
+  import json
+  saved = tmp_path / "config.json"
+  old = json.loads(saved.read_text())
+  del old["data"]["augment"], old["data"]["augment_scale"]
+  saved.write_text(json.dumps(old))
+  assert [l for l in qmain.resume_changes(c, str(tmp_path)) if "augment" in l] == []
   # keys that decide which sample comes next (or the model) cannot change on resume
   for key, value in (("data.num_workers", 2), ("seed", 1), ("model.text.width", 48)):
     d = micro_config(**{"train.total_steps": 4, "train.lr": 1e-3, "checkpoint.every_steps": 2,

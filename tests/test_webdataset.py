@@ -101,7 +101,7 @@ def test_every_bad_member_kind_is_skipped_and_counted(tmp_path):
   assert captions[:8] == sorted(_caption(s, i) for s in (0, 1) for i in range(4))
   assert len([c for c in captions if c.startswith("shard 2")]) == 3
   assert all(x["image"].shape == (16, 16, 3) for x in good if x is not None)
-  assert webdataset.metadata(src, 0) == {"key": "000000000"}
+  assert src.metadata(0) == {"key": "000000000"}
 
 
 def _epoch_captions(c, host, hosts, batches):

@@ -90,8 +90,8 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
                      f"processes {process_count}")
   src = source if source is not None else make_source(config, "train")
   from qtx.data import augment as augment_lib
-  aug = config.data.get("augment", "none")
-  scale = augment_lib.check(aug, config.data.get("augment_scale", (0.9, 1.0)))
+  aug = config.data.augment
+  scale = augment_lib.check(aug, config.data.augment_scale)
   if aug != "none":
     if not hasattr(src, "fit"):
       raise ValueError(f"data.augment={aug!r} needs a source that decodes images itself "
@@ -141,11 +141,17 @@ class EvalTask:
 
   def prompt_tokens(self, context_length: int) -> np.ndarray:
     """C x M x T tokens: every class name in every template."""
-    prompts = self.prompts or [[t.format(c) for t in self.templates] for c in self.class_names]
-    if len({len(row) for row in prompts}) != 1:
-      raise ValueError("every class needs the same number of prompts")
-    flat = tokenizer_lib.tokenize([p for row in prompts for p in row], context_length)
-    return flat.reshape(len(prompts), len(prompts[0]), context_length)
+    return prompt_tokens(self.class_names, self.templates, self.prompts, context_length)
+
+
+def prompt_tokens(class_names, templates, prompts, context_length: int) -> np.ndarray:
+  """C x M x T tokens of the zero-shot prompts: `prompts` (C x M) when given, else every class
+  name in every template."""
+  prompts = prompts or [[t.format(c) for t in templates] for c in class_names]
+  if len({len(row) for row in prompts}) != 1:
+    raise ValueError("every class needs the same number of prompts")
+  flat = tokenizer_lib.tokenize([p for row in prompts for p in row], context_length)
+  return flat.reshape(len(prompts), len(prompts[0]), context_length)
 
 
 @dataclasses.dataclass
@@ -177,9 +183,7 @@ class ClassificationStream:
       yield np.stack(imgs), np.asarray(labels, np.int32)
 
   def prompt_tokens(self, context_length: int) -> np.ndarray:
-    prompts = [t.format(c) for c in self.class_names for t in self.templates]
-    flat = tokenizer_lib.tokenize(prompts, context_length)
-    return flat.reshape(len(self.class_names), len(self.templates), context_length)
+    return prompt_tokens(self.class_names, self.templates, (), context_length)
 
 
 def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTask:

@@ -329,12 +329,12 @@ def _imagefolder_factory(config, split):
 
 def _webdataset_factory(config, split):
   from qtx.data import webdataset
-  eval_path = config.data.get("eval_path", "")
+  eval_path = config.data.eval_path
   if split == "eval" and eval_path:
     return webdataset.WebDatasetSource(eval_path, "eval", config.data.image_size,
-                                       seed=config.seed, held_out=False)
+                                       held_out=False)
   return webdataset.WebDatasetSource(config.data.path, split, config.data.image_size,
-                                     seed=config.seed, held_out=not eval_path)
+                                     held_out=not eval_path)
 
 
 pipeline.register_source("tfds:", _tfds_factory)

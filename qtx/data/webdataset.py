@@ -192,11 +192,10 @@ def index_shard(path: str, counter: sources.SkipCounter) -> list[dict]:
 class WebDatasetSource:
   """Random-access records {'image', 'caption'} over tar shards (see the module docstring)."""
 
-  def __init__(self, spec: str, split: str, image_size: int, seed: int = 0, fit: str = "crop",
+  def __init__(self, spec: str, split: str, image_size: int, fit: str = "crop",
                held_out: bool = True, eval_fraction: float = DEFAULT_EVAL_FRACTION,
                counter: Optional[sources.SkipCounter] = None):
-    self.spec, self.split, self.image_size, self.seed, self.fit = (
-        spec, split, int(image_size), int(seed), fit)
+    self.spec, self.split, self.image_size, self.fit = spec, split, int(image_size), fit
     self.counter = counter or sources.SkipCounter(f"webdataset:{split}", parent=sources.SKIPPED)
     self.shards = shard_paths(spec)
     entries = []
@@ -214,8 +213,6 @@ class WebDatasetSource:
       raise ValueError(f"webdataset {spec!r} ({split}): no usable samples in "
                        f"{len(self.shards)} shard(s); skipped: {self.counter.reasons}")
     self._entries = entries
-    self.class_names: tuple[str, ...] = ()
-    self.templates: tuple[str, ...] = ()
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -229,6 +226,11 @@ class WebDatasetSource:
       raise OSError(f"read {len(data)} of {size} bytes")
     return data
 
+  def metadata(self, idx: int) -> dict:
+    """The sample's json member (img2dataset writes url, width, height, ...), or {}."""
+    si, s = self._entries[int(idx) % len(self)]
+    return {} if s.get("json") is None else json.loads(self._read(self.shards[si], s["json"]))
+
   def key(self, idx: int) -> str:
     si, s = self._entries[int(idx) % len(self)]
     return f"{self.shards[si]}:{s['key']}"
@@ -237,7 +239,7 @@ class WebDatasetSource:
     idx = int(idx) % len(self)
     si, s = self._entries[idx]
     shard = self.shards[si]
-    where = f"{shard}:{s['key']}"
+    where = self.key(idx)
     try:
       caption = sources.clean_caption(self._read(shard, s["txt"]).decode("utf-8", "replace"))
     except Exception as e:  # noqa: BLE001
@@ -253,9 +255,9 @@ class WebDatasetSource:
       self.counter.record(where, f"unreadable image: {type(e).__name__}: {e}")
       return None
     rec = {"image": image, "caption": caption}
-    if self.split == "eval" and s.get("json") is not None:  # COCO-style: json "captions" list
+    if self.split == "eval":  # COCO-style eval sets: a json "captions" list
       try:
-        caps = json.loads(self._read(shard, s["json"])).get("captions")
+        caps = self.metadata(idx).get("captions")
       except Exception:  # noqa: BLE001 - metadata is optional
         caps = None
       if isinstance(caps, list):
@@ -263,12 +265,4 @@ class WebDatasetSource:
         if caps:
           rec["captions"] = caps
     return rec
-
-
-def metadata(source: WebDatasetSource, idx: int) -> dict:
-  """The sample's json member (img2dataset writes url, width, height, ...), or {}."""
-  si, s = source._entries[int(idx) % len(source)]
-  if s.get("json") is None:
-    return {}
-  return json.loads(source._read(source.shards[si], s["json"]))
 

@@ -12,10 +12,11 @@ from qtx.nn.transformer import Encoder, layer_norm
 from qtx.quant.layers import ActQuant, QDense, QuantConfig
 
 
-def valid_tokens(tokens_BxT):
-  """B x T bool: True up to and including each row's end-of-text token (its highest id)."""
-  eot = jnp.argmax(tokens_BxT, axis=-1)
-  return jnp.arange(tokens_BxT.shape[1])[None, :] <= eot[:, None]
+def valid_tokens(tokens_BxT, eot_B=None):
+  """B x T bool: True up to and including each row's end-of-text token (its highest id;
+  `eot_B` when already known)."""
+  eot_B = jnp.argmax(tokens_BxT, axis=-1) if eot_B is None else eot_B
+  return jnp.arange(tokens_BxT.shape[1])[None, :] <= eot_B[:, None]
 
 
 class TextTower(nn.Module):
@@ -46,7 +47,7 @@ class TextTower(nn.Module):
     eot = jnp.argmax(tokens_BxT, axis=-1)
     # Tokens after the end-of-text token never reach the pooled output (causal attention):
     # quantization ranges are calibrated on the others only.
-    valid_BxT = valid_tokens(tokens_BxT)
+    valid_BxT = valid_tokens(tokens_BxT, eot)
     x = jnp.take(emb, tokens_BxT, axis=0).astype(self.dtype) + pos.astype(self.dtype)
     x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x, valid_BxT[:, :, None])
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=True,
