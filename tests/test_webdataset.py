@@ -179,6 +179,12 @@ def test_random_resized_crop_draws_and_is_exact_on_resume(tmp_path):
     assert 0 <= top and top + h <= H and 0 <= left and left + w <= W
     if (h, w) != (H, W):
       assert 0.5 * H * W * 0.9 <= h * w <= H * W and 0.7 <= w / h <= 1.4
+  # the area fraction follows the scale range (rounding of h and w aside)
+  fracs = []
+  for _ in range(200):
+    top, left, h, w = augment.crop_box(64, 64, rng, (0.3, 0.4))
+    fracs.append(h * w / 64 ** 2)
+  assert 0.27 <= min(fracs) and max(fracs) <= 0.44 and 0.32 < np.mean(fracs) < 0.38
   with pytest.raises(ValueError, match="unknown data.augment 'flip'"):
     augment.check("flip", (0.9, 1.0))
   with pytest.raises(ValueError, match="augment_scale"):
