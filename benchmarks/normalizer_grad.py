@@ -15,7 +15,6 @@ last row puts the softmax train step in the second column, for scale.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 
 import jax
@@ -24,18 +23,10 @@ import numpy as np
 
 from benchmarks import time_fn
 from qtx.nn import normalizers as N
+from qtx.nn.normalizers.softplus import autodiff_gradients
 
 
-@contextlib.contextmanager
-def plain_gradients():
-  """Swap the written-out VJP for JAX autodiff of the same forward (at trace time)."""
-  saved = N._softplus_reweight_last
-
-  N._softplus_reweight_last = N.plain_softplus_reweight
-  try:
-    yield
-  finally:
-    N._softplus_reweight_last = saved
+plain_gradients = autodiff_gradients
 
 
 def normalizer_rows(iters: int, rounds: int):

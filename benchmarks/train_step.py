@@ -37,7 +37,9 @@ import jax
 import numpy as np
 
 from qtx import flops as flops_lib
-from qtx import parallel, train
+from qtx import parallel
+from qtx import run as run_lib
+from qtx.modes import train as train_mode
 
 
 def load_config(path: str):
@@ -74,9 +76,9 @@ def profile_ops(compiled, state, batch, steps: int) -> dict[str, float]:
 
 
 def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
-  s = train.setup(config)
-  state = train.init_state(s, 0)
-  step_fn = train.make_train_step(s)
+  s = run_lib.build(config, train=True)
+  state = run_lib.init_state(s, 0)
+  step_fn = train_mode.make_train_step(s)
   B = config.train.batch_size
   im = config.model.image
   rng = np.random.default_rng(0)
@@ -135,10 +137,10 @@ def main():
   args = p.parse_args()
 
   def make(dtype, remat, scan, impl, overrides=()):
-    from qtx import experiment
+    from qtx import config_lib
     c = load_config(args.config)
     for o in overrides:
-      experiment._set(c, o)
+      config_lib.override(c, o)
     if args.batch:
       c.train.batch_size = args.batch
     if args.mesh:

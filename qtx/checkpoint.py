@@ -106,38 +106,76 @@ class Manager:
     self._mgr.close()
 
 
-def restore_params(path: str, abstract_state) -> Any:
-  """Train state from a qtx checkpoint directory (a run's workdir, its checkpoints/ folder, or one
-  step folder). Raises FileNotFoundError naming the path when nothing is there."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
+def _has_steps(path) -> bool:
+  from etils import epath
+  p = epath.Path(path)
+  return p.is_dir() and any(d.name.isdigit() for d in p.iterdir())
+
+
+def checkpoint_path(config, workdir: str) -> str:
+  """Where a run's params come from: config.init_from, else WORKDIR (its checkpoints/ folder).
+
+  Raises FileNotFoundError naming the path that was looked at when nothing is there.
+  """
+  if config.init_from:
+    path = _abspath(config.init_from)
+    if not _exists(path):
+      raise FileNotFoundError(f"config.init_from={config.init_from!r}: checkpoint {path!r} does "
+                              "not exist")
+    return path
+  ckpt_dir = os.path.join(_abspath(workdir), "checkpoints")
+  if not _has_steps(ckpt_dir):
+    raise FileNotFoundError(
+        f"no checkpoint to load: config.init_from is empty and {ckpt_dir!r} holds no "
+        "checkpoint; train into this workdir first or pass --config.init_from=CKPT")
+  return _abspath(workdir)
+
+
+def _abspath(path: str) -> str:
+  return path if "://" in str(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _exists(path: str) -> bool:
+  from etils import epath
+  return epath.Path(path).exists()
+
+
+def step_folder(path: str) -> str:
+  """The step folder a qtx checkpoint path names: the latest step of a workdir or of its
+  checkpoints/ folder, or the step folder itself."""
+  from etils import epath
+  path = _abspath(path)
+  if not _exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-  candidates = [path, os.path.join(path, "checkpoints")]
-  for c in candidates:
-    if os.path.isdir(c) and any(d.isdigit() for d in os.listdir(c)):
-      mgr = ocp.CheckpointManager(c)
-      step = mgr.latest_step()
-      out = mgr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      mgr.close()
-      return out["state"]
-  if os.path.isdir(os.path.join(path, "state")):
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    return ckptr.restore(path, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))["state"]
+  for c in (path, os.path.join(path, "checkpoints")):
+    if _has_steps(c):
+      steps = [int(d.name) for d in epath.Path(c).iterdir() if d.name.isdigit()
+               and (d / "state").exists()]
+      if steps:
+        return os.path.join(c, str(max(steps)))
+  if (epath.Path(path) / "state").is_dir():
+    return path
   raise FileNotFoundError(f"no qtx checkpoint found under {path!r} (expected step folders, "
                           "a checkpoints/ folder, or a step folder with 'state')")
 
 
-def init_from(path: str, setup, seed: int):
-  """Fresh train state whose params come from `path` (qtx checkpoint, or a PyTorch CLIP
-  state_dict when qtx.weights is available); optimizer state and step start anew."""
-  from qtx import train
-  state = train.init_state(setup, seed)
-  if os.path.isfile(path) and path.endswith((".pt", ".pth", ".bin", ".safetensors")):
-    from qtx import weights
-    params = weights.load_into(path, jax.device_get(state.params), setup.config)
-  else:
-    params = restore_params(path, setup.abstract_state).params
-  params = jax.device_put(params, setup.state_sharding.params)
-  return state.replace(params=params, opt_state=setup.tx.init(params))
+def restore_params(path: str, abstract_params) -> tuple[Any, int]:
+  """(params, step) of a qtx checkpoint (see step_folder), read without the optimizer state:
+  only the parameters are loaded, onto the shardings `abstract_params` carries."""
+  folder = step_folder(path)
+  item = {"params": abstract_params,
+          "step": jax.ShapeDtypeStruct((), jax.numpy.int32,
+                                       sharding=_replicated_like(abstract_params))}
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  out = ckptr.restore(os.path.join(folder, "state"), args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  return out["params"], int(jax.device_get(out["step"]))
+
+
+def _replicated_like(abstract_params):
+  for leaf in jax.tree.leaves(abstract_params):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -27,28 +27,40 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return mod.get_config(arg)
 
 
-def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
-  """Attention block of one tower.
+def override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """Apply one 'key.path=value' override in place, the value parsed as a Python literal when it
+  is one (else kept as a string), as --config.key.path=value does on the command line."""
+  import ast
+  key, sep, value = assignment.partition("=")
+  if not sep:
+    raise ValueError(f"override {assignment!r} is not KEY=VALUE")
+  *path, last = key.strip().split(".")
+  node = config
+  for i, p in enumerate(path):
+    if p not in node:
+      raise ValueError(f"unknown config key {'.'.join(path[:i + 1])!r} in override {assignment!r}")
+    node = node[p]
+  if last not in node:
+    raise ValueError(f"unknown config key {key.strip()!r} in override {assignment!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  node[last] = parsed
 
-  normalizer: softmax | clipped_softmax | softplus.
-  gamma/alpha/zeta: clipped softmax (gamma = -alpha / N_keys when alpha is set).
-  gamma_warmup_steps: linearly ramp gamma from 0 (avoids dead attention at init).
-  softplus_p / softplus_eps: re-weighting exponent and normaliser epsilon of softplus attention.
-  gate: none | linear | mlp | all_heads_linear;  gate_hidden (mlp), gate_pi_init.
-  impl: xla | pallas.
-  """
+
+def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
+  """Attention block of one tower: normalizer (a name of qtx.nn.normalizers), every registered
+  normalizer's parameters with their defaults (each normalizer module declares its own: e.g.
+  clipped_softmax gamma/alpha/zeta/gamma_warmup_steps, softplus softplus_p/softplus_eps),
+  gate (none | linear | mlp | all_heads_linear) with gate_hidden and gate_pi_init, and impl
+  (xla | pallas)."""
+  from qtx.nn import attention, normalizers
   c = ml_collections.ConfigDict()
+  for key, value in {**attention.COMMON_KEYS, **normalizers.all_params()}.items():
+    # a None default is an optional float (e.g. alpha): typed, so overrides parse as numbers
+    c[key] = ml_collections.FieldReference(None, field_type=float) if value is None else value
   c.normalizer = normalizer
-  c.gamma = 0.0
-  c.alpha = ml_collections.FieldReference(None, field_type=float)
-  c.zeta = 1.0
-  c.gamma_warmup_steps = 0
-  c.softplus_p = 15.0
-  c.softplus_eps = 1e-6
-  c.gate = "none"
-  c.gate_hidden = 4
-  c.gate_pi_init = 0.5
-  c.impl = "xla"
   return c
 
 
@@ -67,7 +79,7 @@ def tower_config(**kw) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | ptq
+  c.mode = "train"  # train | eval | ptq | sweep (qtx.modes)
   c.seed = 0
   c.init_from = ""  # checkpoint dir (qtx) or a PyTorch CLIP state_dict file
 
@@ -93,7 +105,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "synthetic"
   c.data.path = ""
   c.data.eval_path = ""  # webdataset: held-out shards (else 2% of data.path by key hash)
-  c.data.image_size = 224
   c.data.augment = "none"  # none | random_resized_crop (training only; eval never augments)
   c.data.augment_scale = (0.9, 1.0)  # random_resized_crop: range of the crop's area fraction
   c.data.num_workers = 0
@@ -152,6 +163,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.keep_float = "head"  # comma-separated: activation points, weights, head
   c.quant.outliers_every_steps = 0  # 0 = off during training
   c.quant.ablate = False  # ptq mode: also evaluate with one quantizer class at a time in float
+
+  c.sweep = ml_collections.ConfigDict()  # sweep mode (qtx.modes.sweep)
+  c.sweep.normalizers = ",".join(NORMALIZER_PRESETS)  # comma-separated normalizer presets
+  c.sweep.seeds = "0,1,2"  # comma-separated seeds
+  c.sweep.out = ""  # markdown file the table is written to (rewritten after every run)
   return c
 
 
@@ -183,7 +199,6 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.text = tower_config(width=64, depth=3, heads=4, mlp_dim=256,
                               vocab_size=49408, context_length=20)
   c.data.name = "synthetic"
-  c.data.image_size = 64
   c.data.eval_size = 1000
   c.train.batch_size = 128
   c.train.total_steps = 1300
@@ -232,7 +247,6 @@ def _pod_config(arg, patch_size: int, name: str) -> ml_collections.ConfigDict:
   c.model.image.patch_size = patch_size
   c.model.dtype = "bfloat16"
   c.model.remat = "dots"
-  c.data.image_size = 224
   c.data.allow_synthetic = False
   c.data.preset = name
   c.train.batch_size = 4096
@@ -271,56 +285,62 @@ def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 # Keys added after runs were first saved, with the value that reproduces a run saved before the
 # key existed (data.omit_prob: such runs trained on full captions). `fill_legacy` adds them to a
-# saved config (eval_run.load_run, and main's resume check, read config.json through it).
+# saved config (run.load_config, and train mode's resume check, read config.json through it).
 LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0, "data.eval_path": "",
                    "data.augment": "none", "data.augment_scale": (0.9, 1.0),
-                   "data.allow_synthetic": True, "data.preset": ""}
+                   "data.allow_synthetic": True, "data.preset": "",
+                   "sweep.normalizers": ",".join(NORMALIZER_PRESETS), "sweep.seeds": "0,1,2",
+                   "sweep.out": ""}
+
+
+# Keys that runs once saved and the schema has since dropped (data.image_size only repeated
+# model.image.image_size); `fill_legacy` removes them.
+LEGACY_REMOVED = ("data.image_size",)
 
 
 def fill_legacy(config: dict) -> dict:
-  """A saved config (nested dicts or a ConfigDict) with the keys it predates filled in."""
+  """A saved config (nested dicts or a ConfigDict) with the keys it predates filled in and the
+  keys the schema dropped removed."""
+  for key in LEGACY_REMOVED:
+    *parents, name = key.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p, {})
+    if name in node:
+      del node[name]
   for key, value in LEGACY_DEFAULTS.items():
     *parents, name = key.split(".")
     node = config
     for p in parents:
+      if p not in node:
+        node[p] = {}
       node = node[p]
     if name not in node:
       node[name] = value
   return config
 
 
-MODES = ("train", "eval", "ptq")
-LOSSES = ("clip", "siglip", "infoloob")
+MODES = ("train", "eval", "ptq", "sweep")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raise ValueError naming the first bad value (unknown keys are caught by ConfigDict)."""
-  from qtx.nn.attention import AttentionConfig
-  from qtx.nn.clip import build_model
+  """Raise ValueError naming the first bad value by its full key (unknown keys are also caught by
+  ConfigDict on command-line overrides). Composed of each component's own check."""
+  from qtx import losses
+  from qtx.data import augment as augment_lib
+  from qtx.nn import clip
+  from qtx.quant.layers import QuantConfig
 
   if c.mode not in MODES:
     raise ValueError(f"unknown mode {c.mode!r}; choose one of {MODES}")
-  if c.loss.name not in LOSSES:
-    raise ValueError(f"unknown loss.name {c.loss.name!r}; choose one of {LOSSES}")
+  if c.loss.name not in losses.LOSSES:
+    raise ValueError(f"unknown loss.name {c.loss.name!r}; choose one of {tuple(losses.LOSSES)}")
+  if c.loss.sharded and losses.get(c.loss.name).ring is None:
+    raise ValueError(f"loss.sharded=True: loss {c.loss.name!r} has no ring variant; set "
+                     "loss.sharded=False")
   if c.loss.impl not in ("xla", "pallas"):
     raise ValueError(f"unknown loss.impl {c.loss.impl!r}; choose one of ('xla', 'pallas')")
-  for tower in ("image", "text"):
-    try:
-      AttentionConfig.from_config(c.model[tower].attention)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"model.{tower}.attention: {e}") from None
-    t = c.model[tower]
-    from qtx.nn.transformer import ACTIVATIONS
-    if t.get("activation", "gelu_tanh") not in ACTIVATIONS:
-      raise ValueError(f"unknown model.{tower}.activation {t.activation!r}; choose one of "
-                       f"{tuple(ACTIVATIONS)}")
-    if t.width % t.heads:
-      raise ValueError(f"model.{tower}: width {t.width} is not divisible by heads {t.heads}")
-  img = c.model.image
-  if img.image_size % img.patch_size:
-    raise ValueError(f"model.image.image_size {img.image_size} is not a multiple of "
-                     f"patch_size {img.patch_size}")
-  from qtx.data import augment as augment_lib
+  clip.check_model_config(c.model)
   augment_lib.check(c.data.augment, c.data.augment_scale)
   if c.data.name == "synthetic" and not c.data.allow_synthetic:
     preset = c.data.preset or "this preset"
@@ -329,14 +349,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "shapes; point it at your data (--config.data.name=webdataset|folder|tfds:NAME "
         f"--config.data.path=...), or run a local smoke test with {preset}:runlocal "
         "(a few tiny steps on the synthetic data)")
-  if not 0.0 <= c.data.omit_prob <= 1.0:
-    raise ValueError(f"data.omit_prob must be in [0, 1], got {c.data.omit_prob}")
-  if not 0.0 < c.data.shape_scale <= synthetic.MAX_SHAPE_SCALE:
-    raise ValueError(f"data.shape_scale must be in (0, {synthetic.MAX_SHAPE_SCALE}], got "
-                     f"{c.data.shape_scale}")
-  if c.data.image_size != img.image_size:
-    raise ValueError(f"data.image_size {c.data.image_size} != model.image.image_size "
-                     f"{img.image_size}")
+  synthetic.check_config(c.data)
   for key in ("batch_size", "total_steps", "log_every", "microbatches"):
     if c.train[key] <= 0:
       raise ValueError(f"train.{key} must be > 0, got {c.train[key]}")
@@ -347,9 +360,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.lr must be a positive finite number, got {c.train.lr}")
   if not 0.0 <= c.train.end_lr_fraction <= 1.0:
     raise ValueError(f"train.end_lr_fraction must be in [0, 1], got {c.train.end_lr_fraction}")
-  from qtx.quant.layers import QuantConfig
   try:
     QuantConfig.from_config(c.quant)
   except (ValueError, TypeError) as e:
     raise ValueError(f"quant: {e}") from None
-  build_model(c)  # checks tower keys and dtype

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from qtx.data import pipeline
 from qtx.data.pipeline import ClassificationStream, EvalTask
 
 
@@ -147,4 +148,30 @@ def evaluate(encode_image, encode_text, task: EvalTask, batch_size: int,
     zc = class_embeddings(encode_text, task.prompt_tokens(task.tokens.shape[1]), batch_size)
     out.update({f"{prefix}{k}": v
                 for k, v in zeroshot_accuracy(zi, zc, np.asarray(task.labels)).items()})
+  return out
+
+
+def zeroshot_tasks(config) -> dict:
+  """Extra evaluators from eval.zeroshot ("name[@path],..."), each an EvalTask."""
+  spec = config.eval.get("zeroshot", "")
+  if not spec:
+    return {}
+  out = {}
+  for item in (x.strip() for x in spec.split(",") if x.strip()):
+    name, _, path = item.partition("@")
+    task = None
+    if pipeline.is_streamed_classification(name):  # whole split, streamed
+      task = pipeline.make_classification_stream(config, name, path or None)
+    out[name] = task or pipeline.make_eval_task(config, name, path or None)
+  return out
+
+
+def evaluate_all(enc_i, enc_t, params, task, extra_tasks, config) -> dict:
+  """The training data's eval split under eval/, each extra evaluator under eval/<name>/."""
+  fi = lambda x: enc_i(params, x)
+  ft = lambda x: enc_t(params, x)
+  out = evaluate(fi, ft, task, config.eval.batch_size)
+  for name, t in extra_tasks.items():
+    out.update(evaluate(fi, ft, t, config.eval.batch_size, prefix=f"eval/{name}/",
+                        context_length=config.model.text.context_length))
   return out

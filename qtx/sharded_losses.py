@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-LOSSES = ("clip", "siglip", "infoloob")
+# Ring families: the block math a loss of qtx.losses.LOSSES runs on (its `ring` field).
+FAMILIES = ("softmax", "softmax_leave_out", "sigmoid")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -60,13 +61,13 @@ def _siglip_labels(b: int, on_diagonal: bool):
   return -jnp.ones((b, b), jnp.float32)
 
 
-def _dloss_dlogits(kind, l_bxb, row_lse_b, col_lse_b, on_diagonal: bool, inv_B):
+def _dloss_dlogits(family, l_bxb, row_lse_b, col_lse_b, on_diagonal: bool, inv_B):
   """d loss / d logits of one block (the loss is a sum over blocks, each scaled by 1/B)."""
   b = l_bxb.shape[0]
-  if kind == "siglip":
+  if family == "sigmoid":
     z_bxb = _siglip_labels(b, on_diagonal)
     return -inv_B * z_bxb * jax.nn.sigmoid(-z_bxb * l_bxb)
-  leave_out = kind == "infoloob"
+  leave_out = family == "softmax_leave_out"
   lm_bxb = _mask_diag(l_bxb, on_diagonal, leave_out)
   g_bxb = jnp.exp(lm_bxb - row_lse_b[:, None]) + jnp.exp(lm_bxb - col_lse_b[None, :])
   if on_diagonal:
@@ -83,13 +84,13 @@ def _ring_perm(n: int):
   return [(j, (j - 1) % n) for j in range(n)]
 
 
-def _forward_ring(kind, axes, n, zi_bxE, zt_bxE, scale, bias):
+def _forward_ring(family, axes, n, zi_bxE, zt_bxE, scale, bias):
   """Per-device partial loss sum and the (row, column) log-sum-exps of the local shards."""
   perm = _ring_perm(n)
   shift = lambda x: jax.lax.ppermute(x, axes, perm)
   b = zi_bxE.shape[0]
 
-  if kind == "siglip":
+  if family == "sigmoid":
     def block(zt_c, on_diagonal):
       _, l_bxb = _block_logits(zi_bxE, zt_c, scale, bias)
       return jnp.sum(jax.nn.log_sigmoid(_siglip_labels(b, on_diagonal) * l_bxb))
@@ -105,7 +106,7 @@ def _forward_ring(kind, axes, n, zi_bxE, zt_bxE, scale, bias):
     zero_b = jnp.zeros((b,), jnp.float32)
     return -acc, zero_b, zero_b
 
-  leave_out = kind == "infoloob"
+  leave_out = family == "softmax_leave_out"
 
   def block(zt_c, row_lse, col_lse, on_diagonal):
     _, l_bxb = _block_logits(zi_bxE, zt_c, scale, None)
@@ -131,14 +132,14 @@ def _forward_ring(kind, axes, n, zi_bxE, zt_bxE, scale, bias):
   return partial, row_lse, col_lse
 
 
-def _backward_ring(kind, axes, n, inv_B, g, zi_bxE, zt_bxE, scale, bias, row_lse, col_lse):
+def _backward_ring(family, axes, n, inv_B, g, zi_bxE, zt_bxE, scale, bias, row_lse, col_lse):
   """Per-device d(images), d(texts) of the local shards and partial d(scale), d(bias)."""
   perm = _ring_perm(n)
   shift = lambda x: jax.lax.ppermute(x, axes, perm)
 
   def block(zt_c, col_c, dzi, dzt_c, dscale, dbias, on_diagonal):
     u_bxb, l_bxb = _block_logits(zi_bxE, zt_c, scale, bias)
-    d_bxb = g * _dloss_dlogits(kind, l_bxb, row_lse, col_c, on_diagonal, inv_B)
+    d_bxb = g * _dloss_dlogits(family, l_bxb, row_lse, col_c, on_diagonal, inv_B)
     dzi = dzi + scale * jnp.einsum("ij,je->ie", d_bxb, zt_c)
     dzt_c = dzt_c + scale * jnp.einsum("ij,ie->je", d_bxb, zi_bxE)
     return dzi, dzt_c, dscale + jnp.sum(d_bxb * u_bxb), dbias + jnp.sum(d_bxb)
@@ -164,7 +165,7 @@ def _backward_ring(kind, axes, n, inv_B, g, zi_bxE, zt_bxE, scale, bias, row_lse
 # Global functions (custom_vjp over two shard_maps).
 
 
-def _ring_loss_fn(kind: str, mesh: Mesh, axes: tuple[str, ...]):
+def _ring_loss_fn(family: str, mesh: Mesh, axes: tuple[str, ...]):
   """f(zi_BxE, zt_BxE, scale, bias) -> scalar loss, with a ring backward pass."""
   n = 1
   for a in axes:
@@ -174,18 +175,18 @@ def _ring_loss_fn(kind: str, mesh: Mesh, axes: tuple[str, ...]):
   smap = functools.partial(jax.shard_map, mesh=mesh)
 
   def fwd_local(zi, zt, scale, bias):
-    partial, row_lse, col_lse = _forward_ring(kind, axes, n, zi, zt, scale,
-                                              bias if kind == "siglip" else None)
+    partial, row_lse, col_lse = _forward_ring(family, axes, n, zi, zt, scale,
+                                              bias if family == "sigmoid" else None)
     return jax.lax.psum(partial, axes), row_lse, col_lse
 
   fwd_global = smap(fwd_local, in_specs=(emb_spec, emb_spec, P(), P()),
                     out_specs=(P(), batch_spec, batch_spec))
 
   def bwd_local(inv_B, g, zi, zt, scale, bias, row_lse, col_lse):
-    dzi, dzt, dscale, dbias = _backward_ring(kind, axes, n, inv_B, g, zi, zt, scale,
-                                             bias if kind == "siglip" else None,
+    dzi, dzt, dscale, dbias = _backward_ring(family, axes, n, inv_B, g, zi, zt, scale,
+                                             bias if family == "sigmoid" else None,
                                              row_lse, col_lse)
-    dbias = jax.lax.psum(dbias, axes) if kind == "siglip" else jnp.zeros((), jnp.float32)
+    dbias = jax.lax.psum(dbias, axes) if family == "sigmoid" else jnp.zeros((), jnp.float32)
     return dzi, dzt, jax.lax.psum(dscale, axes), dbias
 
   @jax.custom_vjp
@@ -218,22 +219,24 @@ def _resolve_axes(mesh: Mesh, axes) -> tuple[str, ...]:
   return axes
 
 
-def sharded_loss(name: str, zi_BxE, zt_BxE, logit_scale, logit_bias: Optional[jax.Array],
-                 mesh: Mesh, max_scale: float = 100.0,
-                 axes: Sequence[str] | str = BATCH_AXES):
-  """The loss `name` ('clip' | 'siglip' | 'infoloob') of a global batch sharded over `axes`.
+def ring_loss(family: str, zi_BxE, zt_BxE, logit_scale, logit_bias: Optional[jax.Array],
+              mesh: Mesh, max_scale: float = 100.0, axes: Sequence[str] | str = BATCH_AXES):
+  """A contrastive loss of a global batch sharded over `axes`, by ring family:
+
+    softmax             InfoNCE in both directions (clip)
+    softmax_leave_out   the same with the positive left out of the denominators (infoloob)
+    sigmoid             pairwise sigmoid with a bias (siglip)
 
   zi_BxE, zt_BxE: L2-normalised image and text embeddings of the global batch (under jit they
-  may carry any sharding; they are laid out with the batch over `axes`). logit_scale and
-  logit_bias are the model's scalar parameters (logits = min(exp(logit_scale), max_scale) *
-  zi zt^T + logit_bias, bias for siglip only). Returns the same scalar as
-  `qtx.losses.compute(name, ...)`, and the same gradients.
+  may carry any sharding; they are laid out with the batch over `axes`). logits =
+  min(exp(logit_scale), max_scale) * zi zt^T (+ logit_bias for sigmoid). Returns the same
+  scalar as the plain loss of `qtx.losses` on the whole batch, and the same gradients.
+  Use `qtx.losses.compute(name, ..., mesh=mesh)`, which picks the family of a loss by name.
   """
-  if name not in LOSSES:
-    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
-  if name == "siglip" and logit_bias is None:
-    raise ValueError("siglip loss needs the model's logit_bias (build the model with "
-                     "loss.name='siglip')")
+  if family not in FAMILIES:
+    raise ValueError(f"unknown ring loss family {family!r}; choose one of {FAMILIES}")
+  if family == "sigmoid" and logit_bias is None:
+    raise ValueError("the sigmoid (siglip) loss needs the model's logit_bias")
   axes = _resolve_axes(mesh, axes)
   B = zi_BxE.shape[0]
   if zi_BxE.shape != zt_BxE.shape or zi_BxE.ndim != 2:
@@ -244,13 +247,10 @@ def sharded_loss(name: str, zi_BxE, zt_BxE, logit_scale, logit_bias: Optional[ja
     n *= mesh.shape[a]
   if B % n:
     raise ValueError(f"global batch {B} is not divisible by the {n} devices of mesh axes {axes}")
-  if name == "infoloob" and B < 2:
-    raise ValueError(f"infoloob needs a batch of at least 2 (the positive is left out), got {B}")
   scale = jnp.minimum(jnp.exp(jnp.asarray(logit_scale, jnp.float32)), max_scale)
-  # clip and infoloob have no bias: a constant keeps d(loss)/d(logit_bias) exactly zero.
-  bias = (jnp.asarray(logit_bias, jnp.float32) if name == "siglip"
+  # the softmax families have no bias: a constant keeps d(loss)/d(logit_bias) exactly zero.
+  bias = (jnp.asarray(logit_bias, jnp.float32) if family == "sigmoid"
           else jnp.zeros((), jnp.float32))
-  f = _ring_loss_fn(name, mesh, axes)
+  f = _ring_loss_fn(family, mesh, axes)
   return f(zi_BxE.astype(jnp.float32), zt_BxE.astype(jnp.float32), scale.reshape(()),
            bias.reshape(()))
-

@@ -340,12 +340,11 @@ def infer_config(state_dict: Mapping[str, np.ndarray], head_dim: int = DEFAULT_H
 
 
 def set_model_config(config, arch: Mapping[str, Any]) -> None:
-  """Writes an `infer_config` result into config.model (and data.image_size) in place."""
+  """Writes an `infer_config` result into config.model in place."""
   config.model.embed_dim = arch["embed_dim"]
   for tower in ("image", "text"):
     for k, v in arch[tower].items():
       config.model[tower][k] = v
-  config.data.image_size = arch["image"]["image_size"]
 
 
 def config_overrides(arch: Mapping[str, Any]) -> list[str]:
@@ -353,7 +352,6 @@ def config_overrides(arch: Mapping[str, Any]) -> list[str]:
   flags = [f"--config.model.embed_dim={arch['embed_dim']}"]
   for tower in ("image", "text"):
     flags += [f"--config.model.{tower}.{k}={v}" for k, v in arch[tower].items()]
-  flags.append(f"--config.data.image_size={arch['image']['image_size']}")
   return flags
 
 

@@ -12,18 +12,18 @@ import sys
 
 import jax
 import numpy as np
+from qtx import run as run_lib
 
 
 def main(workdir: str, n: int = 64) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from qtx import eval_run
   from qtx.data import pipeline
   from qtx.nn.clip import CLIP
   from qtx.nn.text import valid_tokens
 
-  cfg, s, params, step = eval_run.load_run(workdir)
+  cfg, s, params, step = run_lib.load_run(workdir)
   task = pipeline.eval_task(cfg, n)
   print(f"{workdir} (step {step})")
   for tower, x, method in (("image", task.images, CLIP.encode_image),

@@ -22,6 +22,8 @@ import sys
 
 import jax
 import numpy as np
+from qtx.analysis import outliers as outlier_lib
+from qtx import run as run_lib
 
 TOP_FRACTION = 1e-3
 
@@ -44,13 +46,12 @@ def main(spec: str, n: int = 250) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from qtx import eval_run
   from qtx.data import pipeline
   from qtx.nn.clip import CLIP
   from qtx.quant import outliers
 
   workdir, _, step = spec.partition("@")
-  cfg, s, params, at = eval_run.load_run(workdir, step or None)
+  cfg, s, params, at = run_lib.load_run(workdir, step or None)
   if cfg.data.name != "synthetic":
     raise ValueError(f"{workdir}: needs a run on the embedded synthetic data, got "
                      f"data.name={cfg.data.name!r}")
@@ -60,7 +61,7 @@ def main(spec: str, n: int = 250) -> None:
   bg = background_patches(src, n, cfg.model.image.patch_size)  # n x P
   _, state = s.model.apply({"params": params}, task.images, method=CLIP.encode_image,
                            mutable=["intermediates"])
-  tree, scanned = eval_run._encoder_tree(state["intermediates"], "image")
+  tree, scanned = outlier_lib._encoder_tree(state["intermediates"], "image")
   flat = outliers.flatten_intermediates(tree, scanned=scanned)
   print(f"{spec} (step {at}): {n} eval images, background {bg.mean():.1%} of the patches")
   for name in sorted(k for k in flat if k.endswith("block_out")):

@@ -14,21 +14,22 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from qtx import run as run_lib
 
 
 def main(workdir: str) -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  from qtx import eval_run, evaluate, train
+  from qtx import evaluate
   from qtx.data import pipeline, synthetic as syn, tokenizer as tok
 
-  cfg, s, params, step = eval_run.load_run(workdir)
-  enc_i, enc_t = train.make_encoders(s)
+  cfg, s, params, step = run_lib.load_run(workdir)
+  enc_i, enc_t = run_lib.make_encoders(s)
   text = lambda x: enc_t(params, x)
   ctx = cfg.model.text.context_length
   task = pipeline.eval_task(cfg)
-  src = syn.SyntheticShapes("eval", cfg.data.image_size, cfg.seed, size=len(task.labels))
+  src = syn.SyntheticShapes("eval", cfg.model.image.image_size, cfg.seed, size=len(task.labels))
   n, S = len(task.labels), len(syn.SHAPES)
   zi = evaluate.encode_batched(lambda x: enc_i(params, x), task.images, 250)
   ct = evaluate.class_embeddings(text, task.prompt_tokens(ctx), 250)

@@ -23,7 +23,6 @@ def micro_config(preset="softmax", **overrides):
     t.width, t.depth, t.heads, t.mlp_dim = 32, 2, 2, 64
   c.model.image.image_size = 16
   c.model.image.patch_size = 4
-  c.data.image_size = 16
   c.model.text.context_length = 16
   c.train.batch_size = 16
   c.train.total_steps = 6

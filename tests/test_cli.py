@@ -40,13 +40,14 @@ def test_print_config_shows_preset_and_overrides_without_a_workdir():
 def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
   from conftest import micro_config
   from qtx import main as qmain
+  from qtx.modes import train as train_mode
   c = micro_config(**{"train.total_steps": 2, "checkpoint.every_steps": 2})
-  assert qmain.resume_changes(c, str(tmp_path)) == []  # nothing to resume yet
+  assert train_mode.resume_changes(c, str(tmp_path)) == []  # nothing to resume yet
   qmain.run(c, str(tmp_path))
-  assert qmain.resume_changes(c, str(tmp_path)) == []  # same config: silent
+  assert train_mode.resume_changes(c, str(tmp_path)) == []  # same config: silent
   c.train.total_steps = 4
   c.train.lr = 1e-3
-  lines = qmain.resume_changes(c, str(tmp_path))
+  lines = train_mode.resume_changes(c, str(tmp_path))
   assert "differs from the one it was trained with (2 key(s))" in lines[0]
   assert lines[1:] == ["  train.lr: 0.003 -> 0.001", "  train.total_steps: 2 -> 4"]
   capsys.readouterr()
@@ -58,10 +59,10 @@ def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
   old = json.loads(saved.read_text())
   del old["data"]["augment"], old["data"]["augment_scale"]
   saved.write_text(json.dumps(old))
-  assert [l for l in qmain.resume_changes(c, str(tmp_path)) if "augment" in l] == []
+  assert [l for l in train_mode.resume_changes(c, str(tmp_path)) if "augment" in l] == []
   # keys that decide which sample comes next (or the model) cannot change on resume
   for key, value in (("data.num_workers", 2), ("seed", 1), ("model.text.width", 48)):
     d = micro_config(**{"train.total_steps": 4, "train.lr": 1e-3, "checkpoint.every_steps": 2,
                         key: value})
     with pytest.raises(ValueError, match=rf"{key} .* changed since the run was started"):
-      qmain.resume_changes(d, str(tmp_path))
+      train_mode.resume_changes(d, str(tmp_path))

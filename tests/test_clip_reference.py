@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import clip_reference as ref
-from qtx import eval_run, weights
+from qtx import weights
+from qtx.analysis import outliers as outlier_lib
 from test_weights import _save_safetensors, config_for, embed, fake_state_dict, template
 
 # (state_dict sizes, head width): image/text widths, depths, patch, image size, MLP ratio
@@ -76,7 +77,7 @@ def test_outlier_statistics_equal_the_numpy_forward(tmp_path):
   the tokens up to each end-of-text only; batches of 3 over 4 sequences (a padded last batch)."""
   sd, c, model, params = _imported(tmp_path, "w32_p8", "quick_gelu")
   images, tokens = _inputs(c)
-  got = eval_run.outlier_metrics(model, jax.tree.map(np.asarray, params), images, tokens,
+  got = outlier_lib.outlier_metrics(model, jax.tree.map(np.asarray, params), images, tokens,
                                  batch_size=3)
   _, inter_i = ref.encode_image(sd, images, c.model.image.heads)
   _, inter_t = ref.encode_text(sd, tokens, c.model.text.heads)

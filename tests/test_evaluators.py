@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from qtx import config_lib, metrics, train
+from qtx import config_lib, metrics
 from qtx.nn.transformer import Mlp
+from qtx.modes import train as train_mode
 
 
 def test_extra_zeroshot_evaluator_is_logged_under_its_name(tmp_path):
   c = micro_config(**{"train.total_steps": 2, "eval.zeroshot": "synthetic"})
-  out = train.train_and_evaluate(c, str(tmp_path))
+  out = train_mode.run(c, str(tmp_path))
   last = metrics.read(str(tmp_path))[-1]
   assert "eval/synthetic/zeroshot_top1" in last and "eval/zeroshot_top1" in last
   # the same data and model: the extra evaluator reproduces the main one exactly
@@ -43,7 +44,7 @@ def test_unknown_activation_is_a_clear_error():
 
 def test_outliers_logged_during_training(tmp_path):
   c = micro_config(**{"train.total_steps": 4, "quant.outliers_every_steps": 2})
-  train.train_and_evaluate(c, str(tmp_path))
+  train_mode.run(c, str(tmp_path))
   rows = [r for r in metrics.read(str(tmp_path)) if "outliers/max_inf_norm" in r]
   assert [r["step"] for r in rows] == [2, 4]
   r = rows[-1]

@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 
 from conftest import micro_config
-from qtx import train
 from qtx.data import imagefolder, sources, templates
 from qtx.data import tokenizer as tok
+from qtx import evaluate as evaluate_lib
+from qtx.data import pipeline
+from qtx import run as run_lib
 
 
 def _tree(root, classes, per_class=3, size=16, seed=0):
@@ -32,12 +34,12 @@ def test_imagefolder_zeroshot_equals_hand_computation(tmp_path):
   with open(os.path.join(root, "red square", "broken.jpg"), "wb") as f:
     f.write(b"not a jpeg")  # skipped and counted, never a crash
   c = micro_config(**{"eval.zeroshot": f"imagefolder@{root}", "eval.batch_size": 4})
-  s = train.setup(c)
-  params = train.init_state(s, 0).params
-  enc_i, enc_t = train.make_encoders(s)
+  s = run_lib.build(c, train=True)
+  params = run_lib.init_state(s, 0).params
+  enc_i, enc_t = run_lib.make_encoders(s)
   before = sources.SKIPPED.count
-  tasks = train.zeroshot_tasks(c)
-  got = train.evaluate_all(enc_i, enc_t, params, train.pipeline.eval_task(c, 8), tasks, c)
+  tasks = evaluate_lib.zeroshot_tasks(c)
+  got = evaluate_lib.evaluate_all(enc_i, enc_t, params, pipeline.eval_task(c, 8), tasks, c)
   assert sources.SKIPPED.count - before == 1
   assert got["eval/imagefolder/num_samples"] == 9  # the whole folder, minus the broken file
   # by hand: embed every image, every class name in every photo template, average, argmax

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from qtx import flops, train
+from qtx import flops
+from qtx import run as run_lib
+from qtx.modes import train as train_mode
 
 
 @pytest.mark.parametrize("loss,sharded", [("clip", False), ("siglip", False),
@@ -15,18 +17,18 @@ def test_microbatches_equal_full_batch(loss, sharded):
   over = {"loss.sharded": True, "mesh.num_devices": 4, "mesh.shape": {"data": 4}} if sharded else {}
   c = micro_config("gated", **{"loss.name": loss, "model.image.depth": 1,
                               "model.text.depth": 1, **over})
-  s = train.setup(c)
+  s = run_lib.build(c, train=True)
   mesh = s.mesh if sharded else None
-  state = train.init_state(s, 0)
+  state = run_lib.init_state(s, 0)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
            "tokens": rng.integers(1, 1000, (16, 16)).astype(np.int32)}
   batch["tokens"][:, 7] = 49407
   full = jax.jit(jax.value_and_grad(
-      lambda p: train.loss_fn(s.model, c, p, batch, 0, mesh)[0]))(state.params)
+      lambda p: train_mode.loss_fn(s.model, c, p, batch, 0, mesh)[0]))(state.params)
   c.train.microbatches = 4
   (loss_m, _), g_m = jax.jit(
-      lambda p: train.microbatched_grads(s.model, c, p, batch, 0, mesh))(state.params)
+      lambda p: train_mode.microbatched_grads(s.model, c, p, batch, 0, mesh))(state.params)
   np.testing.assert_allclose(loss_m, full[0], rtol=1e-6)
   chex.assert_trees_all_close(g_m, full[1], rtol=1e-4, atol=1e-5)  # float32 sum order
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import micro_config
 from qtx import config_lib
 from qtx.nn.attention import AttentionConfig, HeadGate, MultiHeadAttention
-from qtx.nn.clip import build_model
+from qtx.run import build_model
 
 
 def _inputs(c, B=3, seed=0):

@@ -36,7 +36,7 @@ MICRO_FLAGS = [
     "--config.model.image.mlp_dim=64", "--config.model.text.width=32",
     "--config.model.text.depth=1", "--config.model.text.heads=2",
     "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16",
-    "--config.data.image_size=16", "--config.model.text.context_length=16",
+    "--config.model.text.context_length=16",
     "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
     "--config.data.eval_size=16", "--config.train.log_every=1", "--config.train.total_steps=4",
     "--config.mesh.num_devices=0", "--config.mesh.shape.data=-1",
@@ -84,7 +84,7 @@ mesh = parallel.make_mesh({"data": -1})
 x = parallel.global_batch({"x": np.arange(4.0) + 4 * jax.process_index()}, mesh)["x"]
 total = jax.jit(lambda x: jnp.sum(x), out_shardings=NamedSharding(mesh, P()))(x)
 # the ring loss across processes (ppermute over gloo) against the plain global loss
-from qtx import losses, sharded_losses
+from qtx import losses
 rng = np.random.default_rng(0)
 z = rng.normal(size=(2, 16, 8)).astype(np.float32)
 z /= np.linalg.norm(z, axis=-1, keepdims=True)
@@ -96,7 +96,7 @@ for name in ("clip", "siglip", "infoloob"):
   def both(zi, zt):
     f = lambda fn: jax.value_and_grad(fn, argnums=(0, 1, 2))(zi, zt, jnp.float32(1.5),
                                                              jnp.float32(-1.0))
-    ring = f(lambda *a: sharded_losses.sharded_loss(name, *a, mesh=mesh))
+    ring = f(lambda *a: losses.compute(name, *a, mesh=mesh))
     plain = f(lambda *a: losses.compute(name, *a))
     return jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(ring),
                                                                        jax.tree.leaves(plain))]))

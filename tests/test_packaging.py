@@ -19,7 +19,8 @@ def test_version_and_licence_match_pyproject():
 def test_importing_the_library_defines_no_absl_flags():
   """Notebooks and user scripts import qtx modules; only `python -m qtx.main` owns flags."""
   code = ("from absl import flags\n"
-          "import qtx, qtx.train, qtx.eval_run, qtx.quant.ptq, qtx.weights, qtx.experiment\n"
+          "import qtx, qtx.run, qtx.modes, qtx.modes.train, qtx.modes.eval, qtx.modes.ptq, qtx.modes.sweep\n"
+          "import qtx.analysis.figures, qtx.analysis.ablation, qtx.weights\n"
           "import qtx.data.pipeline, qtx.config_lib\n"
           "mods = flags.FLAGS.flags_by_module_dict()\n"
           "print(sorted(m for m in mods if 'qtx' in m))\n"

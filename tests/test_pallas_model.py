@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from qtx import parallel, train
+from qtx import parallel
+from qtx import run as run_lib
+from qtx.modes import train as train_mode
 
 
 def _batch(c):
@@ -19,11 +21,11 @@ def _batch(c):
 
 
 def _loss_and_grads(c):
-  s = train.setup(c)
-  state = train.init_state(s, 0)
+  s = run_lib.build(c, train=True)
+  state = run_lib.init_state(s, 0)
   batch = parallel.global_batch(_batch(c), s.mesh, s.rules)
   loss, grads = jax.jit(jax.value_and_grad(
-      lambda p: train.loss_fn(s.model, c, p, batch, 0)[0]))(state.params)
+      lambda p: train_mode.loss_fn(s.model, c, p, batch, 0)[0]))(state.params)
   return float(loss), jax.device_get(grads)
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from qtx import config_lib, parallel, train
+from qtx import config_lib, parallel
+from qtx import run as run_lib
+from qtx.modes import train as train_mode
 
 
 def _batch(c, seed=0):
@@ -41,11 +43,11 @@ def test_mesh_shape_errors(shape, msg):
 
 
 def _loss_and_grads(c, batch):
-  s = train.setup(c)
-  state = train.init_state(s, 0)
+  s = run_lib.build(c, train=True)
+  state = run_lib.init_state(s, 0)
 
   def f(params, b):
-    return jax.value_and_grad(lambda p: train.loss_fn(s.model, c, p, b, 0)[0])(params)
+    return jax.value_and_grad(lambda p: train_mode.loss_fn(s.model, c, p, b, 0)[0])(params)
 
   bsh = parallel.batch_sharding(s.mesh, s.rules)
   gb = parallel.global_batch(batch, s.mesh, s.rules)
@@ -87,9 +89,9 @@ def test_train_steps_equal_on_mesh_and_single_device():
                         ("8", {"data": 2, "fsdp": 2, "tensor": 2}, 0)):
     c = micro_config("gated")
     c.mesh.shape, c.mesh.num_devices = shape, n
-    s = train.setup(c)
-    state = train.init_state(s, 0)
-    step = train.make_train_step(s)
+    s = run_lib.build(c, train=True)
+    state = run_lib.init_state(s, 0)
+    step = train_mode.make_train_step(s)
     out = []
     for i in range(3):
       state, m = step(state, parallel.global_batch(_batch(c, i), s.mesh, s.rules))
@@ -109,7 +111,7 @@ def test_b16_fsdp_shards_every_large_parameter_without_allocating():
   c = config_lib.b16_config()
   c.data.allow_synthetic = True  # shapes only: nothing is trained
   c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
-  s = train.setup(c)  # eval_shape only; raises if a >1 MiB param is replicated
+  s = run_lib.build(c, train=True)  # eval_shape only; raises if a >1 MiB param is replicated
   leaves = jax.tree_util.tree_flatten_with_path(s.abstract_state.params)[0]
   big = [(jax.tree_util.keystr(p), x) for p, x in leaves if x.size * 4 >= 1 << 20]
   assert len(big) > 100
@@ -118,7 +120,7 @@ def test_b16_fsdp_shards_every_large_parameter_without_allocating():
     shard = x.sharding.shard_shape(x.shape)
     assert np.prod(shard) * 8 == np.prod(x.shape), (name, shard)
   # the train step lowers (no compile, no allocation) with these shardings
-  step = train.make_train_step(s)
+  step = train_mode.make_train_step(s)
   batch = {"image": jax.ShapeDtypeStruct((16, 224, 224, 3), jnp.uint8,
                                          sharding=parallel.batch_sharding(s.mesh)),
            "tokens": jax.ShapeDtypeStruct((16, 77), jnp.int32,
@@ -132,4 +134,4 @@ def test_check_fsdp_catches_replicated_large_param():
   c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
   c.mesh.rules = "replicated"
   with pytest.raises(ValueError, match="large parameters are replicated"):
-    train.setup(c)
+    run_lib.build(c, train=True)

@@ -11,10 +11,16 @@ import pytest
 from conftest import micro_config
 
 from qtx import checkpoint as ckpt_lib
-from qtx import metrics, train
-from qtx.nn.clip import build_model
-from qtx.quant import figures, ptq
+from qtx import metrics
+from qtx.run import build_model
 from qtx.quant.layers import QUANT_STATS, QDense, QLayerNorm, QuantConfig, quantize_weight
+from qtx.analysis import ablation
+from qtx.modes import eval as eval_mode
+from qtx.analysis import outliers as outlier_lib
+from qtx.modes import ptq as ptq_mode
+from qtx.analysis import quantized
+from qtx import run as run_lib
+from qtx.analysis import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,8 +36,8 @@ def run(tmp_path_factory):
   """(config, workdir, setup, params) of an initialised model saved as a step-0 checkpoint."""
   workdir = str(tmp_path_factory.mktemp("ptq_run"))
   c = _config()
-  s = train.setup(c)
-  state = train.init_state(s, c.seed)
+  s = run_lib.build(c, train=True)
+  state = run_lib.init_state(s, c.seed)
   mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), c, async_save=False)
   mgr.save(0, state, force=True)
   mgr.close()
@@ -61,7 +67,7 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
   c, ckpt_dir, _, _ = run
   c = _config(init_from=ckpt_dir)
   workdir = str(tmp_path)
-  out = ptq.run_ptq(c, workdir, ablate=True)
+  out = ptq_mode.run(c, workdir, ablate=True)
   printed = capsys.readouterr().out
 
   row = metrics.read(workdir)[-1]
@@ -76,15 +82,14 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
     assert k in row and np.isfinite(row[k]) and row[k] > 0, k
   assert row["ptq/calib_batches"] == 2
   # the float row is eval mode's evaluation of the same checkpoint, exactly
-  from qtx import eval_run
-  ev = eval_run.run_eval(_config(init_from=ckpt_dir, mode="eval"), str(tmp_path / "eval"))
+  ev = eval_mode.run(_config(init_from=ckpt_dir, mode="eval"), str(tmp_path / "eval"))
   for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
     assert row[f"ptq/fp_{k}"] == ev[f"eval/{k}"], k
   assert row["outliers/max_inf_norm"] == ev["outliers/max_inf_norm"]
   assert row["outliers/max_inf_norm"] == max(row["outliers/image/max_inf_norm"],
                                              row["outliers/text/max_inf_norm"])
   # ablation: one entry per point class, each with the table metrics, also in the row
-  names = list(ptq.POINT_CLASSES)
+  names = list(ablation.POINT_CLASSES)
   assert list(out["ablation"]) == names
   for n in names:
     assert set(out["ablation"][n]) >= {"zeroshot_top1", "i2t_r1", "t2i_r1"}
@@ -103,10 +108,10 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
 def calibrated(run):
   """W8A8 model of `run` calibrated on 2 training batches; a third batch is held out."""
   c, _, s, params = run
-  model = build_model(c, quant=ptq.quant_config(c))
-  batches = ptq.calibration_batches(c, s, 3)
-  stats0 = ptq.init_quant_stats(model, c)
-  stats, times = ptq.calibrate(model, params, stats0, batches[:2])
+  model = build_model(c, quant=quantized.quant_config(c))
+  batches = ptq_mode.calibration_batches(c, s, 3)
+  stats0 = quantized.init_quant_stats(model, c)
+  stats, times = quantized.calibrate(model, params, stats0, batches[:2])
   return {"model": model, "batches": batches, "stats0": stats0, "stats": stats, "times": times}
 
 
@@ -132,7 +137,7 @@ def test_init_quant_stats_and_calibration_counts(run, calibrated):
     if "probs_quant" in name and not name.endswith("['count']"):
       assert 0.0 <= float(v) <= 1.0, name
   with pytest.raises(ValueError, match="calib_batches must be >= 1"):
-    ptq.calibration_batches(c, s, 0)
+    ptq_mode.calibration_batches(c, s, 0)
 
 
 def test_w16a16_evaluates_like_float(run, calibrated):
@@ -141,12 +146,12 @@ def test_w16a16_evaluates_like_float(run, calibrated):
   c, _, s, params = run
   from qtx.data import pipeline
   task = pipeline.eval_task(c)
-  q = ptq.quant_config(c, weight_bits=16, act_bits=16)
+  q = quantized.quant_config(c, weight_bits=16, act_bits=16)
   model = build_model(c, quant=q)
-  stats, _ = ptq.calibrate(model, params, ptq.init_quant_stats(model, c), calibrated["batches"][:2])
-  got, _ = ptq.quantized_metrics(model, params, stats, task, 16, prefix="")
-  enc_i, enc_t = train.make_encoders(s)
-  want, _ = ptq.timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, 16,
+  stats, _ = quantized.calibrate(model, params, quantized.init_quant_stats(model, c), calibrated["batches"][:2])
+  got, _ = quantized.quantized_metrics(model, params, stats, task, 16, prefix="")
+  enc_i, enc_t = run_lib.make_encoders(s)
+  want, _ = quantized.timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, 16,
                                prefix="")
   for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
     assert got[k] == want[k], (k, got[k], want[k])
@@ -155,8 +160,8 @@ def test_w16a16_evaluates_like_float(run, calibrated):
 def test_per_token_activations_need_no_calibration(run):
   c, _, s, params = run
   c = _config(**{"quant.act_granularity": "per_token"})
-  model = build_model(c, quant=ptq.quant_config(c))
-  stats, batches, timing = ptq._calibrate_timed(c, s, model, params, keep_batches=False)
+  model = build_model(c, quant=quantized.quant_config(c))
+  stats, batches, timing = ptq_mode._calibrate_timed(c, s, model, params, keep_batches=False)
   assert stats == {} and batches is None
   assert timing == {"ptq/calib_batches": 0, "ptq/calib_seconds": 0.0}
 
@@ -169,7 +174,7 @@ def test_bit_widths_order_the_embedding_error(run, calibrated):
   fp = jax.jit(lambda p: s.model.apply({"params": p}, held["image"], held["tokens"])[:2])(params)
 
   def error(weight_bits, act_bits):
-    model = build_model(c, quant=ptq.quant_config(c, weight_bits=weight_bits, act_bits=act_bits))
+    model = build_model(c, quant=quantized.quant_config(c, weight_bits=weight_bits, act_bits=act_bits))
 
     def f(p, st):
       _, upd = model.apply({"params": p, "quant_stats": st}, calib["image"], calib["tokens"],
@@ -191,21 +196,21 @@ def test_bit_widths_order_the_embedding_error(run, calibrated):
 def test_quant_config_labels_and_errors():
   c = _config(**{"quant.weight_bits": 4, "quant.act_bits": 16})
   c.quant.ablate = True  # a driver key: QuantConfig never sees it
-  q = ptq.quant_config(c)
+  q = quantized.quant_config(c)
   assert q.enabled and (q.weight_bits, q.act_bits) == (4, 16)
-  assert ptq.bits_label(q) == "w4a16"
-  assert ptq.bits_label(ptq.quant_config(_config())) == "w8a8"
-  assert ptq.bits_label(ptq.quant_config(c, weight_bits=6, act_bits=8)) == "w6a8"
+  assert quantized.bits_label(q) == "w4a16"
+  assert quantized.bits_label(quantized.quant_config(_config())) == "w8a8"
+  assert quantized.bits_label(quantized.quant_config(c, weight_bits=6, act_bits=8)) == "w6a8"
   with pytest.raises(ValueError, match=r"unknown quantization point class 'softmax'; choose"):
-    ptq.check_point_class("softmax")
+    ablation.check_point_class("softmax")
   with pytest.raises(ValueError, match=r"unknown activation point class 'weights'"):
-    ptq.keep_mask(["weights"])
-  np.testing.assert_array_equal(ptq.keep_mask(["embed", "ln_out"]),
-                                [c in ("embed", "ln_out") for c in ptq.ACT_CLASSES])
-  w = ptq.float_weights_config(q)
+    ablation.keep_mask(["weights"])
+  np.testing.assert_array_equal(ablation.keep_mask(["embed", "ln_out"]),
+                                [c in ("embed", "ln_out") for c in ablation.ACT_CLASSES])
+  w = ablation.float_weights_config(q)
   assert w.weight_bits == q.weight_bits and w.act_bits == q.act_bits
   assert w.keep_float == q.keep_float + ("weights",)
-  assert ptq.POINT_CLASSES[-1] == "weights" and len(set(ptq.POINT_CLASSES)) == 10
+  assert ablation.POINT_CLASSES[-1] == "weights" and len(set(ablation.POINT_CLASSES)) == 10
 
 
 def test_keep_mask_selects_one_output_class_exactly():
@@ -215,12 +220,12 @@ def test_keep_mask_selects_one_output_class_exactly():
   params = layer.init(jax.random.key(1), x)
   k, b = params["params"]["kernel"], params["params"]["bias"]
   want = x @ quantize_weight(k, cfg) + b  # quantized weight, float output
-  with nn.intercept_methods(ptq.keep_float_interceptor(ptq.keep_mask(["linear_out"]))):
+  with nn.intercept_methods(ablation.keep_float_interceptor(ablation.keep_mask(["linear_out"]))):
     got = layer.apply(params, x)
   np.testing.assert_array_equal(got, want)
   quantized = layer.apply(params, x)
   assert float(jnp.max(jnp.abs(quantized - want))) > 1e-3
-  with nn.intercept_methods(ptq.keep_float_interceptor(ptq.keep_mask(["ln_out", "resid"]))):
+  with nn.intercept_methods(ablation.keep_float_interceptor(ablation.keep_mask(["ln_out", "resid"]))):
     np.testing.assert_array_equal(layer.apply(params, x), quantized)  # other classes: untouched
 
 
@@ -230,12 +235,12 @@ def test_masked_model_equals_keep_float_model(run, calibrated):
   c, _, _, params = run
   model, stats = calibrated["model"], calibrated["stats"]
   images = np.asarray(calibrated["batches"][2]["image"])
-  enc_masked, _ = ptq.make_masked_encoders(model)
-  enc_plain, _ = ptq.make_quant_encoders(model)
+  enc_masked, _ = ablation.make_masked_encoders(model)
+  enc_plain, _ = quantized.make_quant_encoders(model)
   kept = build_model(c, quant=dataclasses.replace(
       model.quant, keep_float=model.quant.keep_float + ("attn_probs",)))
-  enc_kept, _ = ptq.make_quant_encoders(kept)
-  none, probs = ptq.keep_mask([]), ptq.keep_mask(["attn_probs"])
+  enc_kept, _ = quantized.make_quant_encoders(kept)
+  none, probs = ablation.keep_mask([]), ablation.keep_mask(["attn_probs"])
   z_none = enc_masked(params, stats, none, images)
   z_probs = enc_masked(params, stats, probs, images)
   np.testing.assert_allclose(z_none, enc_plain(params, stats, images), atol=1e-6)
@@ -244,7 +249,7 @@ def test_masked_model_equals_keep_float_model(run, calibrated):
 
 
 def test_format_table():
-  t = ptq.format_table({"fp": {"zeroshot_top1": 0.5, "i2t_r1": 0.25, "t2i_r1": 0.125},
+  t = ptq_mode.format_table({"fp": {"zeroshot_top1": 0.5, "i2t_r1": 0.25, "t2i_r1": 0.125},
                         "w8a8": {"zeroshot_top1": 0.4}}, title="T")
   lines = t.splitlines()
   assert lines[0] == "T" and lines[1].split()[0] == "model"
@@ -331,10 +336,9 @@ def test_compare_outliers_side_by_side(tmp_path):
 def test_text_padding_changes_no_calibration_range_or_outlier_statistic():
   """Whatever follows the end-of-text token cannot reach the text embedding, so it must not
   move a calibrated range or the text tower's outlier statistics."""
-  from qtx import eval_run
   from qtx.nn.clip import CLIP
   c = _config()
-  model = build_model(c, quant=ptq.quant_config(c))
+  model = build_model(c, quant=quantized.quant_config(c))
   fmodel = build_model(c)
   rng = np.random.default_rng(0)
   T = c.model.text.context_length
@@ -355,8 +359,8 @@ def test_text_padding_changes_no_calibration_range_or_outlier_statistic():
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s0), jax.tree.leaves(s1)):
     if "textual" in jax.tree_util.keystr(path):
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-  m0 = eval_run.outlier_metrics(fmodel, v["params"], images, tokens, batch_size=6)
-  m1 = eval_run.outlier_metrics(fmodel, v["params"], images, noisy, batch_size=6)
+  m0 = outlier_lib.outlier_metrics(fmodel, v["params"], images, tokens, batch_size=6)
+  m1 = outlier_lib.outlier_metrics(fmodel, v["params"], images, noisy, batch_size=6)
   for k in m0:
     if "/text/" in k:
       np.testing.assert_allclose(m0[k], m1[k], rtol=1e-6, err_msg=k)
@@ -376,7 +380,7 @@ def test_quantization_points_are_the_papers(preset):
   embeddings; gates and the heads stay float. And every linear layer and LayerNorm then reads
   an 8-bit tensor (at most 256 distinct values), which a quantizer in the wrong place breaks."""
   c = micro_config(preset, **{"model.image.depth": 1, "model.text.depth": 1})
-  model = build_model(c, quant=ptq.quant_config(c))
+  model = build_model(c, quant=quantized.quant_config(c))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
   tokens = np.zeros((4, 16), np.int32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qtx import losses, parallel, sharded_losses
+from qtx import losses, parallel
 
 LOSS_NAMES = ("clip", "siglip", "infoloob")
 MESHES = ((2, 2, 2), (8, 1, 1), (1, 8, 1), (4, 2, 1))
@@ -55,7 +55,7 @@ def reference():
 def test_ring_losses_and_grads_equal_plain_losses(shape, reference):
   mesh = parallel.make_mesh(shape)
   batch = NamedSharding(mesh, P(("data", "fsdp")))
-  ring = _all_losses(lambda name, *a: sharded_losses.sharded_loss(name, *a, mesh=mesh))
+  ring = _all_losses(lambda name, *a: losses.compute(name, *a, mesh=mesh))
   for B, ((zi, zt, scale, bias), want) in reference.items():
     got = ring(jax.device_put(zi, batch), jax.device_put(zt, batch), scale, bias)
     for name in LOSS_NAMES:
@@ -66,7 +66,7 @@ def test_ring_losses_and_grads_equal_plain_losses(shape, reference):
 
 def test_clamped_scale_has_zero_gradient_and_bf16_inputs():
   mesh = parallel.make_mesh((4, 2, 1))
-  ring = _all_losses(lambda name, *a: sharded_losses.sharded_loss(name, *a, mesh=mesh))
+  ring = _all_losses(lambda name, *a: losses.compute(name, *a, mesh=mesh))
   plain = _all_losses(lambda name, *a: losses.compute(name, *a))
   zi, zt = _emb(3, 16)
   big = jnp.float32(np.log(200.0))  # exp(big) > max_scale = 100: the clamp is active
@@ -89,7 +89,7 @@ def test_bias_gradient_is_exactly_zero_without_siglip():
   zi, zt = _emb(4, 16)
   for name in ("clip", "infoloob"):
     d_bias = jax.jit(jax.grad(
-        lambda b: sharded_losses.sharded_loss(name, zi, zt, 1.0, b, mesh)))(jnp.float32(0.3))
+        lambda b: losses.compute(name, zi, zt, 1.0, b, mesh=mesh)))(jnp.float32(0.3))
     assert float(d_bias) == 0.0
 
 
@@ -97,14 +97,14 @@ def test_bad_arguments_are_clear_errors():
   mesh = parallel.make_mesh((8, 1, 1))
   zi, zt = _emb(5, 12)
   with pytest.raises(ValueError, match=r"global batch 12 is not divisible by the 8 devices"):
-    sharded_losses.sharded_loss("clip", zi, zt, 0.0, None, mesh)
+    losses.compute("clip", zi, zt, 0.0, None, mesh=mesh)
   zi, zt = _emb(5, 16)
   with pytest.raises(ValueError, match=r"unknown loss 'clipp'; choose one of"):
-    sharded_losses.sharded_loss("clipp", zi, zt, 0.0, None, mesh)
+    losses.compute("clipp", zi, zt, 0.0, None, mesh=mesh)
   with pytest.raises(ValueError, match="siglip loss needs the model's logit_bias"):
-    sharded_losses.sharded_loss("siglip", zi, zt, 0.0, None, mesh)
+    losses.compute("siglip", zi, zt, 0.0, None, mesh=mesh)
   with pytest.raises(ValueError, match=r"axes \('batch',\) must be a non-empty subset"):
-    sharded_losses.sharded_loss("clip", zi, zt, 0.0, None, mesh, axes="batch")
+    losses.compute("clip", zi, zt, 0.0, None, mesh=mesh, axes="batch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def _compiled_temp_bytes(fn, n, name):
 
 
 def _ring(name, zi, zt, s, b, mesh):
-  return sharded_losses.sharded_loss(name, zi, zt, s, b, mesh)
+  return losses.compute(name, zi, zt, s, b, mesh=mesh)
 
 
 def _plain(name, zi, zt, s, b, mesh):
@@ -171,7 +171,7 @@ def test_no_global_logits_matrix_in_the_ring(name):
   args = (zi, zt, jnp.float32(1.0), jnp.float32(-1.0))
   # the backward ring is traced when the gradient is
   ring = jax.make_jaxpr(jax.value_and_grad(
-      lambda *a: sharded_losses.sharded_loss(name, *a, mesh=mesh), argnums=(0, 1, 2, 3)))(*args)
+      lambda *a: losses.compute(name, *a, mesh=mesh), argnums=(0, 1, 2, 3)))(*args)
   assert [e.primitive.name for e in ring.jaxpr.eqns].count("shard_map") == 2  # fwd + bwd ring
   outside, inside = _max_sizes(ring.jaxpr)
   assert inside <= b * b, (inside, b * b)  # blocks only: b x b logits, b x E embeddings

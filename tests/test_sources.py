@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from qtx.data import fashion_mnist, folder, pipeline, sources, templates
+from qtx import evaluate as evaluate_lib
 from conftest import micro_config
 
 S = 16  # image size of the micro config
@@ -370,10 +371,10 @@ def test_make_eval_task_skips_bad_records(tmp_path):
   _make_folder(root)
   os.rename(os.path.join(root, "captions_train.jsonl"), os.path.join(root, "captions_eval.jsonl"))
   c = micro_config()
-  task = sources.make_eval_task(c, "folder", path=root, num_samples=5)
+  task = pipeline.make_eval_task(c, "folder", path=root, num_samples=5)
   assert task.images.shape == (5, S, S, 3) and task.name == "folder"
   assert c.data.name == "synthetic"  # the run config is not modified
-  task = sources.make_eval_task(c, "folder", path=root)
+  task = pipeline.make_eval_task(c, "folder", path=root)
   assert task.images.shape[0] == 10  # every usable record
 
 
@@ -429,8 +430,7 @@ HAVE_FMNIST = os.path.isdir(fashion_mnist.DEFAULT_DIR)
     "Fashion-MNIST idx files not found under /usr/share/datasets/fashion-mnist; install them "
     "with `apt-get install dataset-fashion-mnist`"))
 def test_fashion_mnist_real_files():
-  c = micro_config(**{"data.name": "fashion_mnist", "data.image_size": 32,
-                      "model.image.image_size": 32})
+  c = micro_config(**{"data.name": "fashion_mnist", "model.image.image_size": 32})
   train = pipeline.make_source(c, "train")
   ev = pipeline.make_source(c, "eval")
   assert (len(train), len(ev)) == (60000, 10000)
@@ -534,15 +534,14 @@ def test_tfds_classification_zeroshot_is_streamed_over_the_whole_split(tfds_dir)
   """eval.zeroshot=tfds:<classification set>: the whole split, streamed, not eval.num_samples
   (which bounds only the training data's own eval split); a captioned TFDS set stays a
   retrieval task."""
-  from qtx import train
   c = micro_config(**{"eval.zeroshot": "tfds:cifar10?eval=test", "eval.num_samples": 4})
   with tfds.testing.mock_data(num_examples=12):
-    task = train.zeroshot_tasks(c)["tfds:cifar10?eval=test"]
+    task = evaluate_lib.zeroshot_tasks(c)["tfds:cifar10?eval=test"]
     assert isinstance(task, pipeline.ClassificationStream) and len(task.class_names) == 10
     seen = sum(len(y) for _, y in task.batches(5))
     assert seen == 12
   c = micro_config(**{"eval.zeroshot": f"tfds:qtx_test_captions@{tfds_dir}"})
-  task = train.zeroshot_tasks(c)["tfds:qtx_test_captions"]
+  task = evaluate_lib.zeroshot_tasks(c)["tfds:qtx_test_captions"]
   assert isinstance(task, pipeline.EvalTask)
 
 

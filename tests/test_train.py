@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from qtx import config_lib, metrics, train
+from qtx import config_lib, metrics, optim
+from qtx import run as run_lib
+from qtx.modes import train as train_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_FLAGS = [
@@ -18,7 +20,7 @@ MICRO_FLAGS = [
     "--config.model.image.mlp_dim=64", "--config.model.text.width=32",
     "--config.model.text.depth=1", "--config.model.text.heads=2",
     "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16", "--config.model.image.patch_size=4",
-    "--config.data.image_size=16", "--config.model.text.context_length=16",
+    "--config.model.text.context_length=16",
     "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
     "--config.data.eval_size=16", "--config.train.log_every=2", "--config.mesh.num_devices=1",
 ]
@@ -28,7 +30,7 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path, capsys):
   c = micro_config(**{"train.total_steps": 40, "train.lr": 3e-3, "train.log_every": 4,
                       "train.warmup_steps": 4, "eval.every_steps": 20,
                       "checkpoint.every_steps": 20})
-  out = train.train_and_evaluate(c, str(tmp_path))
+  out = train_mode.run(c, str(tmp_path))
   rows = metrics.read(str(tmp_path))
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert len(losses) == 10
@@ -47,9 +49,9 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path, capsys):
 
 def test_resume_continues_from_latest_checkpoint(tmp_path):
   c = micro_config(**{"train.total_steps": 4, "checkpoint.every_steps": 2})
-  train.train_and_evaluate(c, str(tmp_path))
+  train_mode.run(c, str(tmp_path))
   c.train.total_steps = 6
-  train.train_and_evaluate(c, str(tmp_path))
+  train_mode.run(c, str(tmp_path))
   steps = [r["step"] for r in metrics.read(str(tmp_path)) if "train/loss" in r]
   assert steps == [2, 4, 6]
 
@@ -61,12 +63,12 @@ def test_same_seed_gives_the_same_run_and_resume_is_exact(tmp_path):
   import shutil
   cfg = {"train.total_steps": 8, "checkpoint.every_steps": 4, "train.log_every": 2}
   rows = lambda d: [(r["step"], r["train/loss"]) for r in metrics.read(str(d)) if "train/loss" in r]
-  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "a"))
-  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "b"))
+  train_mode.run(micro_config(**cfg), str(tmp_path / "a"))
+  train_mode.run(micro_config(**cfg), str(tmp_path / "b"))
   first = rows(tmp_path / "a")
   assert [s for s, _ in first] == [2, 4, 6, 8] and first == rows(tmp_path / "b")
   shutil.rmtree(tmp_path / "a" / "checkpoints" / "8")  # as if killed before the final save
-  train.train_and_evaluate(micro_config(**cfg), str(tmp_path / "a"))
+  train_mode.run(micro_config(**cfg), str(tmp_path / "a"))
   again = rows(tmp_path / "a")[len(first):]
   assert [s for s, _ in again] == [6, 8]
   np.testing.assert_allclose([l for _, l in again], [l for _, l in first[2:]], rtol=1e-6)
@@ -75,8 +77,8 @@ def test_same_seed_gives_the_same_run_and_resume_is_exact(tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   c = micro_config(**{"train.total_steps": 6, "checkpoint.every_steps": 2,
                       "train.lr": 1e30, "train.warmup_steps": 1, "train.grad_clip": 0.0})
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
-    train.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(train_mode.NonFiniteLossError, match=r"at step \d+"):
+    train_mode.run(c, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert saved and saved[-1] <= 4
 
@@ -93,9 +95,6 @@ def test_unknown_normalizer_and_bad_values_are_clear_errors():
   c = micro_config(**{"loss.name": "triplet"})
   with pytest.raises(ValueError, match=r"unknown loss.name 'triplet'"):
     config_lib.validate(c)
-  c = micro_config(**{"data.image_size": 32})
-  with pytest.raises(ValueError, match="data.image_size 32 != model.image.image_size 16"):
-    config_lib.validate(c)
   for bad in (0.0, -0.5, 2.0):
     c = micro_config(**{"data.shape_scale": bad})
     with pytest.raises(ValueError, match=r"data.shape_scale must be in \(0, 1.5\]"):
@@ -111,7 +110,7 @@ def test_unknown_normalizer_and_bad_values_are_clear_errors():
 def test_lr_schedule_warmup_cosine_and_floor(end_fraction):
   c = micro_config(**{"train.lr": 2e-3, "train.warmup_steps": 10, "train.total_steps": 110,
                       "train.end_lr_fraction": end_fraction})
-  sched = train.lr_schedule(c)
+  sched = optim.lr_schedule(c)
   np.testing.assert_allclose([float(sched(i)) for i in (0, 5, 10)], [0.0, 1e-3, 2e-3], rtol=1e-6)
   floor = 2e-3 * end_fraction
   # half way through the cosine the rate is the mean of peak and floor; it ends at the floor
@@ -141,18 +140,19 @@ def test_cli_main_job_runs(tmp_path):
   assert rows[-1]["step"] == 4 and "eval/zeroshot_top1" in rows[-1]
   cfg = json.load(open(tmp_path / "config.json"))
   assert cfg["model"]["image"]["attention"]["gate"] == "linear"
-  from qtx import checkpoint as ckpt_lib, eval_run
-  config, s, params, step = eval_run.load_run(str(tmp_path))
+  from qtx import checkpoint as ckpt_lib
+  config, s, params, step = run_lib.load_run(str(tmp_path))
   assert step == 4 and config.model.image.attention.gate == "linear"
-  saved = ckpt_lib.restore_params(str(tmp_path / "checkpoints"), s.abstract_state).params
+  saved, saved_step = ckpt_lib.restore_params(str(tmp_path / "checkpoints"), s.abstract_params)
+  assert saved_step == 4
   chex.assert_trees_all_equal(params, saved)
-  with pytest.raises(FileNotFoundError, match="not a qtx.main workdir"):
-    eval_run.load_run(str(tmp_path / "checkpoints"))
+  with pytest.raises(FileNotFoundError, match="not a qtx workdir"):
+    run_lib.load_run(str(tmp_path / "checkpoints"))
   # a run saved before data.omit_prob and data.shape_scale existed loads with the values it had
   del cfg["data"]["omit_prob"], cfg["data"]["shape_scale"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(cfg, f)
-  config, _, old_params, _ = eval_run.load_run(str(tmp_path))
+  config, _, old_params, _ = run_lib.load_run(str(tmp_path))
   assert (config.data.omit_prob, config.data.shape_scale) == (0.0, 1.0)
   chex.assert_trees_all_equal(old_params, saved)
 

@@ -13,7 +13,8 @@ import pytest
 
 from qtx import config_lib, weights
 from qtx.nn import vit
-from qtx.nn.clip import build_model
+from qtx.run import build_model
+from qtx import run as run_lib
 from conftest import micro_config
 
 MEAN = np.asarray(vit.CLIP_MEAN)
@@ -134,11 +135,11 @@ def test_infer_config_reads_architecture_from_shapes():
                   "text": {"vocab_size": 500, "context_length": 20, "width": 64, "depth": 2,
                            "heads": 1, "mlp_dim": 256}}
   assert "--config.model.image.width=128" in weights.config_overrides(arch)
-  assert "--config.data.image_size=48" in weights.config_overrides(arch)
+  assert "--config.model.image.image_size=48" in weights.config_overrides(arch)
   c = config_lib.tiny_config()
   weights.set_model_config(c, arch)
   config_lib.validate(c)
-  assert (c.model.image.depth, c.model.text.heads, c.data.image_size) == (3, 1, 48)
+  assert (c.model.image.depth, c.model.text.heads, c.model.image.image_size) == (3, 1, 48)
   with pytest.raises(ValueError, match="image width 128 is not a multiple of head_dim 48"):
     weights.infer_config(sd, head_dim=48)
 
@@ -273,16 +274,15 @@ def test_logit_bias_kept_or_dropped():
 
 
 def test_init_from_a_weight_file(tmp_path):
-  from qtx import checkpoint, train
   sd = fake_state_dict()
   path = str(tmp_path / "clip.safetensors")
   _save_safetensors(path, sd)
   c = config_for(sd)
-  s = train.setup(c)
-  state = checkpoint.init_from(path, s, seed=0)
-  np.testing.assert_array_equal(np.asarray(state.params["visual"]["patch_embed"]["kernel"]),
+  s = run_lib.build(c)
+  params, step = run_lib.params_from(path, s, seed=0)
+  np.testing.assert_array_equal(np.asarray(params["visual"]["patch_embed"]["kernel"]),
                                 weights.patch_kernel(sd["visual.conv1.weight"]))
-  assert int(state.step) == 0
+  assert step == 0 and s.tx is None  # parameters only: no optimizer is built
 
 
 def test_file_errors(tmp_path):

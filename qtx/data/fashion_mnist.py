@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from qtx.data import sources, templates as templates_lib
+from qtx.data import registry, sources, templates as templates_lib
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES: tuple[str, ...] = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal",
@@ -128,3 +128,16 @@ class FashionMNIST:
             "caption": templates_lib.caption(self.class_names[label], self.templates, self.seed,
                                              idx),
             "label": label}
+
+
+def _fashion_mnist_factory(config, split):
+  name = config.data.name
+  fit = name.split(":", 1)[1] if ":" in name else "crop"
+  if fit == "resize":
+    fit = "crop"
+  return FashionMNIST(split, config.model.image.image_size, path=registry.data_dir(config),
+                                    fit=fit, seed=config.seed)
+
+
+registry.register_source("fashion_mnist", _fashion_mnist_factory)
+registry.register_source("fashion_mnist:", _fashion_mnist_factory)

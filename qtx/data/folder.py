@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from qtx.data import sources, templates as templates_lib
+from qtx.data import registry, sources, templates as templates_lib
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 SPLITS = ("train", "eval")
@@ -195,3 +195,13 @@ class FolderSource:
     if self._labels is not None:
       rec["label"] = self._labels[idx]
     return rec
+
+
+def _folder_factory(config, split):
+  if not config.data.path:
+    raise ValueError("data.name='folder' needs data.path: a directory with images and a "
+                     "captions.jsonl or captions.csv file")
+  return FolderSource(registry.data_dir(config), split, config.model.image.image_size, seed=config.seed)
+
+
+registry.register_source("folder", _folder_factory)

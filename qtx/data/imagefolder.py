@@ -19,7 +19,7 @@ import os
 import re
 from typing import Optional
 
-from qtx.data import sources
+from qtx.data import registry, sources
 from qtx.data import templates as templates_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -89,3 +89,13 @@ class ImageFolderSource:
     label = self._labels[idx]
     return {"image": image, "label": label,
             "caption": self.templates[0].format(self.class_names[label])}
+
+
+def _imagefolder_factory(config, split):
+  if not config.data.path:
+    raise ValueError("data.name='imagefolder' needs a path: ROOT/<class>/<images>, e.g. "
+                     "--config.eval.zeroshot=imagefolder@/data/imagenet/val")
+  return ImageFolderSource(registry.data_dir(config), config.model.image.image_size)
+
+
+registry.register_source("imagefolder", _imagefolder_factory)

@@ -10,59 +10,14 @@ templates) and image<->text retrieval.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import grain
 import numpy as np
 
+from qtx.data import sources
 from qtx.data import tokenizer as tokenizer_lib
-
-_SOURCES: dict[str, Callable] = {}
-
-
-def register_source(name: str, factory: Callable) -> None:
-  """factory(config, split) -> source; `name` may be a prefix ending in ':' (e.g. 'tfds:')."""
-  _SOURCES[name] = factory
-
-
-def _synthetic(config, split):
-  from qtx.data import synthetic
-  src = synthetic.SyntheticShapes(split=split, image_size=config.data.image_size,
-                                  seed=config.seed,
-                                  size=config.data.eval_size if split == "eval" else None,
-                                  omit_prob=config.data.omit_prob if split == "train" else 0.0,
-                                  shape_scale=config.data.shape_scale)
-  src.class_names = tuple(synthetic.CLASS_NAMES)
-  src.templates = tuple(synthetic.TEMPLATES)
-  src.prompts = synthetic.zeroshot_prompts()  # with the right article ("an orange circle")
-  return src
-
-
-register_source("synthetic", _synthetic)
-
-
-def make_source(config, split: str):
-  name = config.data.name
-  if name in _SOURCES:
-    return _SOURCES[name](config, split)
-  for key, factory in _SOURCES.items():
-    if key.endswith(":") and name.startswith(key):
-      return factory(config, split)
-  _import_optional_sources()
-  if name in _SOURCES or any(k.endswith(":") and name.startswith(k) for k in _SOURCES):
-    return make_source(config, split)
-  raise ValueError(f"unknown data.name {name!r}; choose one of {sorted(_SOURCES)}")
-
-
-def _import_optional_sources():
-  import importlib
-  for mod in ("qtx.data.sources",):
-    try:
-      importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-      if e.name != mod:
-        raise
-
+from qtx.data.registry import make_source, register_source  # noqa: F401 (public here too)
 
 @dataclasses.dataclass
 class Encode(grain.transforms.Map):
@@ -190,7 +145,6 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
   """The eval split as an in-memory EvalTask (first `num_samples` records)."""
   src = source if source is not None else make_source(config, "eval")
   n = min(len(src), num_samples or config.eval.num_samples)
-  from qtx.data import sources
   recs = sources.first_records(src, n)  # skips records the source could not decode
   if not recs:
     raise ValueError(f"the eval split of data.name={config.data.name!r} has no readable records")
@@ -212,3 +166,51 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
                   class_names=tuple(getattr(src, "class_names", ())),
                   templates=tuple(getattr(src, "templates", ())),
                   prompts=tuple(tuple(p) for p in getattr(src, "prompts", ())))
+
+
+# Sources evaluated as whole classification splits, streamed (never held in memory whole):
+# imagefolder, and a TFDS dataset with class labels (e.g. tfds:imagenet2012).
+STREAMED_CLASSIFICATION = ("imagefolder", "tfds:")
+
+
+def is_streamed_classification(name: str) -> bool:
+  return any(name == k or (k.endswith(":") and name.startswith(k))
+             for k in STREAMED_CLASSIFICATION)
+
+
+def make_classification_stream(config, name: str, path: Optional[str] = None,
+                               num_samples: Optional[int] = None):
+  """A `ClassificationStream` over the whole split of a classification source, or None
+  when the source has no class labels (a captioned set: evaluate it with make_eval_task)."""
+  cfg = config.copy_and_resolve_references()
+  cfg.data.name = name
+  if path is not None:
+    cfg.data.path = path
+  src = make_source(cfg, "eval")
+  if not getattr(src, "class_names", ()):
+    return None
+  enc = Encode(cfg.model.text.context_length, cfg.model.image.image_size,
+                        cfg.model.image.channels)
+  return ClassificationStream(name, src, tuple(src.class_names), tuple(src.templates),
+                                       enc, num_samples)
+
+
+def make_eval_task(config, name: Optional[str] = None, path: Optional[str] = None,
+                   num_samples: Optional[int] = None, split: str = "eval"):
+  """An EvalTask (zero-shot + retrieval) from any registered data source, independent of the
+  training data: e.g. make_eval_task(config, 'fashion_mnist') or (config, 'tfds:cifar10',
+  path=tfds_data_dir). Bad records are skipped (and counted)."""
+  cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
+      else config
+  if name is not None:
+    cfg.data.name = name
+  if path is not None:
+    cfg.data.path = path
+  src = make_source(cfg, split)
+  n = num_samples or cfg.eval.num_samples
+  recs = sources.first_records(src, n)
+  if not recs:
+    raise ValueError(f"data source {cfg.data.name!r} ({split}) has no usable records")
+  task = eval_task(cfg, num_samples=len(recs), source=sources.Prefix(recs, src))
+  task.name = cfg.data.name
+  return task

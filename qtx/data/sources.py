@@ -1,9 +1,8 @@
-"""Registered data sources beyond the synthetic one, shared image decoding, and bad-record
-accounting.
+"""What every data source shares: the record contract, image decoding, bad-record accounting.
 
-`config.data.name` picks the source (see `qtx.data.pipeline.make_source`; this module is
-imported lazily the first time a name is not yet registered):
+`config.data.name` picks the source (`qtx.data.registry`; each source module registers itself):
 
+  synthetic                                  the embedded shapes (`qtx.data.synthetic`)
   tfds:<name>[?train=<split>&eval=<split>]   any TFDS dataset prepared as array_record
                                              (`qtx.data.tfds_source`); data.path = data_dir
   folder                                     images + captions.jsonl / captions.csv under
@@ -19,7 +18,7 @@ imported lazily the first time a name is not yet registered):
 
 Every source is random access (`__len__`, `__getitem__`) and returns
 {'image': uint8 (S, S, 3), 'caption': str, optional 'label': int} with S =
-config.data.image_size, or **None for a record that cannot be used** (unreadable or missing
+config.model.image.image_size, or **None for a record that cannot be used** (unreadable or missing
 image, empty caption). Such records are counted in a `SkipCounter` (the module-level `SKIPPED`
 aggregates all sources: `SKIPPED.metrics() == {'data/skipped': n}`) and the first few are
 logged with their path and reason; the pipeline drops the Nones. Images that can be decoded
@@ -30,14 +29,11 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import threading
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from absl import logging
-
-from qtx.data import pipeline
 
 # ---------------------------------------------------------------------------------------------
 # Bad-record accounting
@@ -286,66 +282,6 @@ def clean_caption(caption) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration
-
-
-def _data_dir(config) -> Optional[str]:
-  path = config.data.path
-  return os.path.expanduser(path) if path else None
-
-
-def _tfds_factory(config, split):
-  from qtx.data import tfds_source
-  return tfds_source.TfdsSource.from_spec(
-      config.data.name[len("tfds:"):], split, config.data.image_size,
-      data_dir=_data_dir(config), seed=config.seed)
-
-
-def _folder_factory(config, split):
-  from qtx.data import folder
-  if not config.data.path:
-    raise ValueError("data.name='folder' needs data.path: a directory with images and a "
-                     "captions.jsonl or captions.csv file")
-  return folder.FolderSource(_data_dir(config), split, config.data.image_size, seed=config.seed)
-
-
-def _fashion_mnist_factory(config, split):
-  from qtx.data import fashion_mnist
-  name = config.data.name
-  fit = name.split(":", 1)[1] if ":" in name else "crop"
-  if fit == "resize":
-    fit = "crop"
-  return fashion_mnist.FashionMNIST(split, config.data.image_size, path=_data_dir(config),
-                                    fit=fit, seed=config.seed)
-
-
-def _imagefolder_factory(config, split):
-  from qtx.data import imagefolder
-  if not config.data.path:
-    raise ValueError("data.name='imagefolder' needs a path: ROOT/<class>/<images>, e.g. "
-                     "--config.eval.zeroshot=imagefolder@/data/imagenet/val")
-  return imagefolder.ImageFolderSource(_data_dir(config), config.data.image_size)
-
-
-def _webdataset_factory(config, split):
-  from qtx.data import webdataset
-  eval_path = config.data.eval_path
-  if split == "eval" and eval_path:
-    return webdataset.WebDatasetSource(eval_path, "eval", config.data.image_size,
-                                       held_out=False)
-  return webdataset.WebDatasetSource(config.data.path, split, config.data.image_size,
-                                     held_out=not eval_path)
-
-
-pipeline.register_source("tfds:", _tfds_factory)
-pipeline.register_source("webdataset", _webdataset_factory)
-pipeline.register_source("imagefolder", _imagefolder_factory)
-pipeline.register_source("folder", _folder_factory)
-pipeline.register_source("fashion_mnist", _fashion_mnist_factory)
-pipeline.register_source("fashion_mnist:", _fashion_mnist_factory)
-
-
-# ---------------------------------------------------------------------------------------------
 # Helpers for consumers of sources
 
 
@@ -371,7 +307,7 @@ def first_records(source, n: int) -> list[dict]:
   return out
 
 
-class _Prefix:
+class Prefix:
   """A view of the first records of a source (what `pipeline.eval_task` reads)."""
 
   def __init__(self, records, like):
@@ -385,51 +321,3 @@ class _Prefix:
 
   def __getitem__(self, i):
     return self._records[i]
-
-
-# Sources evaluated as whole classification splits, streamed (never held in memory whole):
-# imagefolder, and a TFDS dataset with class labels (e.g. tfds:imagenet2012).
-STREAMED_CLASSIFICATION = ("imagefolder", "tfds:")
-
-
-def is_streamed_classification(name: str) -> bool:
-  return any(name == k or (k.endswith(":") and name.startswith(k))
-             for k in STREAMED_CLASSIFICATION)
-
-
-def make_classification_stream(config, name: str, path: Optional[str] = None,
-                               num_samples: Optional[int] = None):
-  """A `pipeline.ClassificationStream` over the whole split of a classification source, or None
-  when the source has no class labels (a captioned set: evaluate it with make_eval_task)."""
-  cfg = config.copy_and_resolve_references()
-  cfg.data.name = name
-  if path is not None:
-    cfg.data.path = path
-  src = pipeline.make_source(cfg, "eval")
-  if not getattr(src, "class_names", ()):
-    return None
-  enc = pipeline.Encode(cfg.model.text.context_length, cfg.model.image.image_size,
-                        cfg.model.image.channels)
-  return pipeline.ClassificationStream(name, src, tuple(src.class_names), tuple(src.templates),
-                                       enc, num_samples)
-
-
-def make_eval_task(config, name: Optional[str] = None, path: Optional[str] = None,
-                   num_samples: Optional[int] = None, split: str = "eval"):
-  """An EvalTask (zero-shot + retrieval) from any registered data source, independent of the
-  training data: e.g. make_eval_task(config, 'fashion_mnist') or (config, 'tfds:cifar10',
-  path=tfds_data_dir). Bad records are skipped (and counted)."""
-  cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
-      else config
-  if name is not None:
-    cfg.data.name = name
-  if path is not None:
-    cfg.data.path = path
-  src = pipeline.make_source(cfg, split)
-  n = num_samples or cfg.eval.num_samples
-  recs = first_records(src, n)
-  if not recs:
-    raise ValueError(f"data source {cfg.data.name!r} ({split}) has no usable records")
-  task = pipeline.eval_task(cfg, num_samples=len(recs), source=_Prefix(recs, src))
-  task.name = cfg.data.name
-  return task

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from qtx.data import registry
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),
@@ -491,3 +493,26 @@ def save_sample_grid(path: str, n: int = 16, image_size: int = 64, seed: int = 0
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def check_config(data) -> None:
+  """The synthetic source's keys of the data block (checked whatever data.name is)."""
+  if not 0.0 <= data.omit_prob <= 1.0:
+    raise ValueError(f"data.omit_prob must be in [0, 1], got {data.omit_prob}")
+  if not 0.0 < data.shape_scale <= MAX_SHAPE_SCALE:
+    raise ValueError(f"data.shape_scale must be in (0, {MAX_SHAPE_SCALE}], got "
+                     f"{data.shape_scale}")
+
+
+def _synthetic_factory(config, split):
+  src = SyntheticShapes(split=split, image_size=config.model.image.image_size, seed=config.seed,
+                        size=config.data.eval_size if split == "eval" else None,
+                        omit_prob=config.data.omit_prob if split == "train" else 0.0,
+                        shape_scale=config.data.shape_scale)
+  src.class_names = tuple(CLASS_NAMES)
+  src.templates = tuple(TEMPLATES)
+  src.prompts = zeroshot_prompts()  # with the right article ("an orange circle")
+  return src
+
+
+registry.register_source("synthetic", _synthetic_factory)

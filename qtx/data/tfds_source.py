@@ -41,7 +41,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from qtx.data import sources, templates as templates_lib
+from qtx.data import registry, sources, templates as templates_lib
 
 EVAL_SPLIT_CANDIDATES = ("validation", "val", "test")
 SPEC_KEYS = ("train", "eval", "class_names", "templates")
@@ -293,3 +293,12 @@ class TfdsSource:
       return None
     rec["caption"] = caption
     return rec
+
+
+def _tfds_factory(config, split):
+  return TfdsSource.from_spec(
+      config.data.name[len("tfds:"):], split, config.model.image.image_size,
+      data_dir=registry.data_dir(config), seed=config.seed)
+
+
+registry.register_source("tfds:", _tfds_factory)

@@ -42,7 +42,7 @@ import re
 import tarfile
 from typing import Optional
 
-from qtx.data import sources
+from qtx.data import registry, sources
 from qtx.data.folder import DEFAULT_EVAL_FRACTION, split_hash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -266,3 +266,14 @@ class WebDatasetSource:
           rec["captions"] = caps
     return rec
 
+
+def _webdataset_factory(config, split):
+  eval_path = config.data.eval_path
+  if split == "eval" and eval_path:
+    return WebDatasetSource(eval_path, "eval", config.model.image.image_size,
+                                       held_out=False)
+  return WebDatasetSource(config.data.path, split, config.model.image.image_size,
+                                     held_out=not eval_path)
+
+
+registry.register_source("webdataset", _webdataset_factory)

@@ -24,56 +24,74 @@ GATES = ("none", "linear", "mlp", "all_heads_linear")
 IMPLS = ("xla", "pallas")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """Hashable, validated view of a tower's `attention` config block."""
-  normalizer: str = "softmax"
-  gamma: float = 0.0
-  alpha: Optional[float] = None
-  zeta: float = 1.0
-  gamma_warmup_steps: int = 0
-  softplus_p: float = 15.0
-  softplus_eps: float = 1e-6
-  gate: str = "none"
-  gate_hidden: int = 4
-  gate_pi_init: float = 0.5
-  impl: str = "xla"
+# Keys of a tower's attention block besides the normalizers' own (normalizers.all_params()).
+COMMON_KEYS = {"normalizer": "softmax", "gate": "none", "gate_hidden": 4, "gate_pi_init": 0.5,
+               "impl": "xla"}
 
-  def __post_init__(self):
-    normalizers.get(self.normalizer, **self.normalizer_kwargs())  # validates name and values
+
+class AttentionConfig:
+  """Hashable, validated view of a tower's `attention` config block: the normalizer's name and
+  the parameters of every registered normalizer (the block holds them all), the gate, the impl.
+
+    AttentionConfig(normalizer="clipped_softmax", alpha=1.0, gate="linear")
+  """
+
+  def __init__(self, **kw):
+    known = {**COMMON_KEYS, **normalizers.all_params()}
+    unknown = set(kw) - set(known)
+    if unknown:
+      raise ValueError(f"unknown attention config keys {sorted(unknown)}; accepted: "
+                       f"{sorted(known)}")
+    object.__setattr__(self, "_values", tuple(sorted({**known, **kw}.items())))
+    self._check()
+
+  @classmethod
+  def from_config(cls, c) -> "AttentionConfig":
+    return cls(**(c.to_dict() if hasattr(c, "to_dict") else dict(c)))
+
+  def __getattr__(self, name):
+    values = dict(object.__getattribute__(self, "_values"))
+    if name in values:
+      return values[name]
+    raise AttributeError(name)
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f"AttentionConfig is frozen (setting {name!r})")
+
+  def __eq__(self, other):
+    return isinstance(other, AttentionConfig) and self._values == other._values
+
+  def __hash__(self):
+    return hash(self._values)
+
+  def __repr__(self):
+    return f"AttentionConfig({', '.join(f'{k}={v!r}' for k, v in self._values)})"
+
+  @property
+  def spec(self) -> normalizers.Spec:
+    return normalizers.spec(self.normalizer)
+
+  def values(self) -> dict[str, Any]:
+    """The normalizer's own parameters."""
+    return {k: getattr(self, k) for k in self.spec.params}
+
+  def _check(self):
+    spec = self.spec  # validates the name
+    if spec.check is not None:
+      spec.check(self.values())
     if self.gate not in GATES:
       raise ValueError(f"unknown attention gate {self.gate!r}; choose one of {GATES}")
     if self.impl not in IMPLS:
       raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
     if not 0.0 < self.gate_pi_init < 1.0:
       raise ValueError(f"gate_pi_init must be in (0, 1), got {self.gate_pi_init}")
-    if self.impl == "pallas" and self.normalizer == "softplus":
-      raise ValueError("impl='pallas' supports softmax and clipped_softmax, not 'softplus'")
+    if self.impl == "pallas" and spec.pallas is None:
+      with_kernel = tuple(n for n in normalizers.names() if normalizers.spec(n).pallas)
+      raise ValueError(f"impl='pallas' supports {with_kernel}, not {self.normalizer!r}")
 
-  @classmethod
-  def from_config(cls, c) -> "AttentionConfig":
-    d = dict(c) if not hasattr(c, "to_dict") else c.to_dict()
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown attention config keys {sorted(unknown)}; accepted: "
-                       f"{sorted(f.name for f in dataclasses.fields(cls))}")
-    return cls(**d)
-
-  def normalizer_kwargs(self, gamma_scale=1.0) -> dict[str, Any]:
-    if self.normalizer == "clipped_softmax":
-      if self.alpha is not None:
-        return dict(alpha=self.alpha, zeta=self.zeta, gamma_scale=gamma_scale)
-      return dict(gamma=self.gamma, zeta=self.zeta, gamma_scale=gamma_scale)
-    if self.normalizer == "softplus":
-      return dict(p=self.softplus_p, eps=self.softplus_eps)
-    return {}
-
-
-def gamma_ramp(cfg: AttentionConfig, step) -> jax.Array | float:
-  """Fraction of gamma in force at `step`: a linear warm-up from 0 (1.0 when off)."""
-  if cfg.gamma_warmup_steps <= 0 or step is None:
-    return 1.0
-  return jnp.clip(jnp.asarray(step, jnp.float32) / cfg.gamma_warmup_steps, 0.0, 1.0)
+  def normalizer_at(self, step=None) -> normalizers.Normalizer:
+    """The normalizer in force at training step `step` (None: outside training)."""
+    return self.spec.from_config(self.values(), step)
 
 
 class HeadGate(nn.Module):
@@ -155,7 +173,7 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {D} is not divisible by the number of heads {H}")
     K = D // H
     cfg = self.cfg
-    norm = normalizers.get(cfg.normalizer, **cfg.normalizer_kwargs(gamma_ramp(cfg, step)))
+    norm = cfg.normalizer_at(step)
 
     def proj(name):
       return QDense(H * K, dtype=self.dtype, cfg=self.quant, name=name,
@@ -177,22 +195,18 @@ class MultiHeadAttention(nn.Module):
       q_BxTxHxK = _l2_normalize(q_BxTxHxK)
       k_BxSxHxK = _l2_normalize(k_BxSxHxK)
 
-    # A constant gamma is what the Pallas kernels take; alpha with causal/padding rows gives a
-    # per-row gamma, which runs through the XLA normalizer instead.
-    per_row_gamma = cfg.alpha is not None and (self.causal or key_mask_BxS is not None)
-    pallas = (cfg.impl == "pallas" and cfg.normalizer in ("softmax", "clipped_softmax")
-              and not per_row_gamma)
-    gamma = None
-    if pallas and cfg.normalizer == "clipped_softmax":
-      g = -cfg.alpha / T if cfg.alpha is not None else cfg.gamma
-      gamma = jnp.asarray(g, jnp.float32) * gamma_ramp(cfg, step)
+    # the two-pass kernels' arguments, or None where they cannot run this normalizer here
+    kernel_args = None
+    if cfg.impl == "pallas":
+      kernel_args = cfg.spec.pallas(cfg.values(), step, T, self.causal or key_mask_BxS is not None)
+    pallas = kernel_args is not None
     use_fused = (pallas and not (self.quant and self.quant.enabled)
                  and not self.is_mutable_collection("intermediates"))
     if use_fused:
       from qtx import kernels
       ctx_BxTxHxK = kernels.two_pass_attention(
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, causal=self.causal, key_mask_BxS=key_mask_BxS,
-          gamma=gamma, zeta=cfg.zeta, scale=1.0 / math.sqrt(K)).astype(self.dtype)
+          **kernel_args, scale=1.0 / math.sqrt(K)).astype(self.dtype)
     else:
       scale = norm.score_scale(K, n_keys)
       s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
@@ -201,7 +215,7 @@ class MultiHeadAttention(nn.Module):
           s_BxHxTxS, valid_scores)
       if pallas:
         from qtx import kernels
-        p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, gamma=gamma, zeta=cfg.zeta)
+        p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, **kernel_args)
       else:
         p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys)
       p_BxHxTxS = p_BxHxTxS.astype(self.dtype)

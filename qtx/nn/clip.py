@@ -56,33 +56,38 @@ class CLIP(nn.Module):
     return zi, zt, self.logit_scale, bias
 
 
-def _tower_kwargs(t, keys):
-  out = {k: t[k] for k in keys if k in t}
-  out["attention"] = AttentionConfig.from_config(t.attention)
-  return out
-
-
 IMAGE_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "channels",
               "ln_pre", "activation")
 TEXT_KEYS = ("vocab_size", "context_length", "width", "depth", "heads", "mlp_dim", "activation")
 
 
-def build_model(config, quant: Optional[QuantConfig] = None) -> CLIP:
-  """CLIP module from a full run config (model + loss blocks)."""
-  m = config.model
+def tower_kwargs(t, keys) -> dict:
+  """CLIP's keyword arguments of one tower from its config block."""
+  out = {k: t[k] for k in keys if k in t}
+  out["attention"] = AttentionConfig.from_config(t.attention)
+  return out
+
+
+def check_model_config(m) -> None:
+  """Raise ValueError naming the full key (model....) of the first bad value of a model block."""
+  from qtx.nn.transformer import ACTIVATIONS
+  if m.dtype not in DTYPES:
+    raise ValueError(f"unknown model.dtype {m.dtype!r}; choose one of {tuple(DTYPES)}")
   for tower, keys in (("image", IMAGE_KEYS), ("text", TEXT_KEYS)):
-    extra = set(m[tower].keys()) - set(keys) - {"attention"}
+    t = m[tower]
+    extra = set(t.keys()) - set(keys) - {"attention"}
     if extra:
       raise ValueError(f"unknown keys in model.{tower}: {sorted(extra)}; accepted: "
                        f"{sorted(keys + ('attention',))}")
-  if m.dtype not in DTYPES:
-    raise ValueError(f"unknown model.dtype {m.dtype!r}; choose one of {tuple(DTYPES)}")
-  loss = config.loss.name
-  if config.loss.init_logit_scale >= 0:
-    scale = float(config.loss.init_logit_scale)
-  else:
-    scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
-  bias = float(config.loss.init_logit_bias) if loss == "siglip" else None
-  return CLIP(image=_tower_kwargs(m.image, IMAGE_KEYS), text=_tower_kwargs(m.text, TEXT_KEYS),
-              embed_dim=m.embed_dim, init_logit_scale=scale, init_logit_bias=bias,
-              dtype=DTYPES[m.dtype], quant=quant, scan=m.scan, remat=m.remat)
+    try:
+      AttentionConfig.from_config(t.attention)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"model.{tower}.attention: {e}") from None
+    if t.get("activation", "gelu_tanh") not in ACTIVATIONS:
+      raise ValueError(f"unknown model.{tower}.activation {t.activation!r}; choose one of "
+                       f"{tuple(ACTIVATIONS)}")
+    if t.width % t.heads:
+      raise ValueError(f"model.{tower}: width {t.width} is not divisible by heads {t.heads}")
+  if m.image.image_size % m.image.patch_size:
+    raise ValueError(f"model.image.image_size {m.image.image_size} is not a multiple of "
+                     f"patch_size {m.image.patch_size}")

@@ -183,21 +183,64 @@ class OutlierAccumulator:
     self._counts: dict[str, int] = {}
 
   def update(self, intermediates: Mapping[str, Any], valid_BxT=None) -> None:
-    """Adds one batch; valid_BxT as in per_sequence_stats."""
-    stats = jax.device_get(_per_sequence_stats_jit(dict(intermediates), self.scanned,
-                                                   self.include, valid_BxT))
+    """Adds one batch of intermediates; valid_BxT as in per_sequence_stats."""
+    self.add(_per_sequence_stats_jit(dict(intermediates), self.scanned, self.include, valid_BxT))
+
+  def add(self, stats: Mapping[str, tuple[Any, Any]], num_valid: int | None = None) -> None:
+    """Adds per-sequence statistics ({tensor: (inf_norm_B, kurtosis_B)}, as per_sequence_stats
+    returns them); only the first `num_valid` sequences count (a padded last batch)."""
+    stats = jax.device_get(dict(stats))
     for k, (inf, kurt) in stats.items():
+      inf, kurt = np.asarray(inf)[:num_valid], np.asarray(kurt)[:num_valid]
       s = np.array([np.sum(inf, dtype=np.float64), np.sum(kurt, dtype=np.float64)])
       self._sums[k] = self._sums.get(k, np.zeros(2)) + s
-      self._counts[k] = self._counts.get(k, 0) + int(np.shape(inf)[0])
+      self._counts[k] = self._counts.get(k, 0) + int(inf.shape[0])
+
+  def means(self) -> dict[str, tuple[float, float]]:
+    """{tensor: (mean inf-norm, mean kurtosis)} over all sequences added."""
+    return {k: (float(self._sums[k][0] / self._counts[k]), float(self._sums[k][1] / self._counts[k]))
+            for k in self._sums}
 
   @property
   def num_sequences(self) -> dict[str, int]:
     return dict(self._counts)
 
   def result(self) -> dict[str, float]:
-    means = {k: tuple(self._sums[k] / self._counts[k]) for k in self._sums}
-    return {k: float(v) for k, v in _aggregate(means, np).items()}
+    return {k: float(v) for k, v in _aggregate(self.means(), np).items()}
+
+
+def layer_order(name: str):
+  """Sort key of 'block_<i>/<tensor>' names: by layer index, then name."""
+  head, _, rest = name.partition("/")
+  idx = head.rsplit("_", 1)[-1]
+  return (int(idx) if idx.isdigit() else 1 << 30, head, rest)
+
+
+def aggregate_towers(means_by_tower: Mapping[str, Mapping[str, tuple[float, float]]],
+                     prefix: str = "outliers/") -> dict[str, float]:
+  """{tower: {tensor: (mean inf-norm, mean kurtosis)}} -> flat metrics:
+
+    <prefix><tower>/{inf_norm,kurtosis}/<tensor>    per tensor, in layer order
+    <prefix><tower>/max_inf_norm, <prefix><tower>/avg_kurtosis   per tower
+    <prefix>max_inf_norm, <prefix>avg_kurtosis      over all tensors of all towers
+  """
+  out: dict[str, float] = {}
+  all_inf, all_kurt = [], []
+  for tower, means in means_by_tower.items():
+    if not means:
+      raise ValueError(f"no outlier tensors for tower {tower!r}")
+    for name, (inf, kurt) in sorted(means.items(), key=lambda kv: layer_order(kv[0])):
+      out[f"{prefix}{tower}/{INF_NORM}/{name}"] = float(inf)
+      out[f"{prefix}{tower}/{KURTOSIS}/{name}"] = float(kurt)
+    infs = [float(v[0]) for v in means.values()]
+    kurts = [float(v[1]) for v in means.values()]
+    out[f"{prefix}{tower}/max_inf_norm"] = max(infs)
+    out[f"{prefix}{tower}/avg_kurtosis"] = float(np.mean(kurts))
+    all_inf += infs
+    all_kurt += kurts
+  out[f"{prefix}max_inf_norm"] = max(all_inf)
+  out[f"{prefix}avg_kurtosis"] = float(np.mean(all_kurt))
+  return out
 
 
 def per_layer_values(summary: Mapping[str, Any], metric: str) -> dict[str, float]:

@@ -1,130 +1,44 @@
-"""Train state, optimizer, jitted sharded train step, and the training loop.
+"""Train mode: the jitted sharded train step and the training loop.
 
 Flow: config -> grain pipeline (per host) -> global sharded batch -> jitted step
-(model + loss + AdamW) -> metrics.jsonl / TensorBoard / checkpoints.
+(model + loss + optimizer) -> metrics.jsonl / TensorBoard / checkpoints. A workdir that holds
+checkpoints is resumed at the exact next sample.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from qtx import checkpoint as ckpt_lib
-from qtx import config_lib, evaluate, losses, parallel
+from qtx import config_lib, evaluate, losses, optim, parallel
 from qtx import flops as flops_lib
+from qtx import run as run_lib
+from qtx.analysis import outliers as outlier_lib
 from qtx.data import pipeline
 from qtx.data import sources as data_sources
-from qtx.metrics import MetricsWriter
-from qtx.nn.clip import CLIP, build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
+from qtx.metrics import MetricsWriter, summary_line
+from qtx.nn.clip import CLIP
+from qtx.run import Run, TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the last good checkpoint is left untouched."""
 
 
-def lr_schedule(config) -> optax.Schedule:
-  t = config.train
-  if t.total_steps <= 0:
-    raise ValueError(f"train.total_steps must be > 0, got {t.total_steps}")
-  warmup = min(t.warmup_steps, t.total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
-      decay_steps=max(t.total_steps, warmup + 1), end_value=t.lr * t.end_lr_fraction)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine, global-norm clipping; no weight decay on gains, biases and the
-  temperature (parameters with fewer than 2 dimensions)."""
-  t = config.train
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  parts = []
-  if t.grad_clip and t.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(t.grad_clip))
-  parts.append(optax.adamw(lr_schedule(config), b1=t.b1, b2=t.b2, eps=1e-8,
-                           weight_decay=t.weight_decay, mask=decay_mask))
-  return optax.chain(*parts)
-
-
-def _dummy_inputs(config, batch: int = 1):
-  img = config.model.image
-  images = jnp.zeros((batch, img.image_size, img.image_size, img.channels), jnp.uint8)
-  tokens = jnp.zeros((batch, config.model.text.context_length), jnp.int32)
-  return images, tokens
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a run needs, built once from the config."""
-  config: Any
-  model: CLIP
-  tx: optax.GradientTransformation
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  state_sharding: Any
-  abstract_state: Any
-
-
-def setup(config, devices=None) -> Setup:
-  config_lib.validate(config)
-  if devices is None and config.mesh.num_devices > 0:
-    devices = jax.devices()[:config.mesh.num_devices]
-  mesh = parallel.make_mesh(config.mesh.shape, devices)
-  rules = parallel.rules_from_config(config)
-  model = build_model(config)
-  tx = make_optimizer(config)
-
-  def init_fn(rng):
-    images, tokens = _dummy_inputs(config)
-    params = model.init(rng, images, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(nn.meta.unbox(params)))
-
-  boxed = jax.eval_shape(init_fn, jax.random.key(0))
-  logical = nn.get_partition_spec(boxed)
-  state_sharding = parallel.logical_to_sharding(logical, mesh, rules)
-  abstract = nn.meta.unbox(boxed)
-  parallel.check_fsdp(state_sharding.params, abstract.params, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, state_sharding)
-  return Setup(config, model, tx, mesh, rules, state_sharding, abstract)
-
-
-def init_state(s: Setup, seed: int) -> TrainState:
-  config, model, tx = s.config, s.model, s.tx
-
-  def init_fn(rng):
-    images, tokens = _dummy_inputs(config)
-    params = nn.meta.unbox(model.init(rng, images, tokens)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  return jax.jit(init_fn, out_shardings=s.state_sharding)(jax.random.key(seed))
-
-
 def embedding_loss(config, zi, zt, scale, bias, mesh=None):
   """Contrastive loss of (global) embeddings; the ring variant when loss.sharded is set."""
-  if config.loss.get("sharded", False) and mesh is not None:
-    from qtx import sharded_losses
-    return sharded_losses.sharded_loss(config.loss.name, zi, zt, scale, bias, mesh,
-                                       config.loss.max_logit_scale)
   return losses.compute(config.loss.name, zi, zt, scale, bias, config.loss.max_logit_scale,
-                        config.loss.impl)
+                        config.loss.impl, mesh=mesh if config.loss.sharded else None)
 
 
 def loss_fn(model: CLIP, config, params, batch, step, mesh=None):
@@ -185,9 +99,9 @@ def microbatched_grads(model: CLIP, config, params, batch, step, mesh=None):
   return (loss, {"logit_scale": scale}), grads
 
 
-def make_train_step(s: Setup) -> Callable:
+def make_train_step(s: Run) -> Callable:
   config, model, tx = s.config, s.model, s.tx
-  sched = lr_schedule(config)
+  sched = optim.lr_schedule(config)
   max_log_scale = math.log(config.loss.max_logit_scale)
 
   def step_fn(state: TrainState, batch):
@@ -213,15 +127,6 @@ def make_train_step(s: Setup) -> Callable:
                  donate_argnums=(0,))
 
 
-def make_encoders(s: Setup, variables_extra: Optional[dict] = None, model: Optional[CLIP] = None):
-  """Jitted (params -> fn(images)), (params -> fn(tokens)) returning normalised embeddings."""
-  model = model or s.model
-  extra = variables_extra or {}
-  enc_i = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_image))
-  enc_t = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_text))
-  return enc_i, enc_t
-
-
 def _progress(total, initial):
   try:
     from tqdm import tqdm
@@ -231,9 +136,10 @@ def _progress(total, initial):
     return None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Train (resuming from WORKDIR/checkpoints if present), evaluate, return final metrics."""
-  s = setup(config)
+def run(config, workdir: str) -> dict:
+  """Train (resuming from WORKDIR/checkpoints if present), evaluate, return final metrics.
+  `config` is validated already (qtx.modes.run does it once)."""
+  s = run_lib.build(config, train=True, validate=False)
   writer = MetricsWriter(workdir)
   mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), config)
   data_iter = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
@@ -242,25 +148,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
-  elif config.init_from:
-    state = ckpt_lib.init_from(config.init_from, s, config.seed)
+  elif config.init_from:  # parameters only: the optimizer state and the step start anew
+    params, _ = run_lib.params_from(config.init_from, s, config.seed)
+    state = run_lib.init_state(s, config.seed, params)
   if state is None:
-    state = init_state(s, config.seed)
+    state = run_lib.init_state(s, config.seed)
   start = int(state.step)
   total = config.train.total_steps
   step_fn = make_train_step(s)
-  enc_i, enc_t = make_encoders(s)
+  enc_i, enc_t = run_lib.make_encoders(s)
   task = pipeline.eval_task(config) if config.eval.every_steps >= 0 else None
-  extra_tasks = zeroshot_tasks(config)
+  extra_tasks = evaluate.zeroshot_tasks(config)
   outliers_every = int(config.quant.outliers_every_steps)
   outlier_fn = None
   if outliers_every > 0 and task is not None:
-    from qtx import eval_run
     n_probe = min(config.eval.batch_size, len(task.images))
     probe = (task.images[:n_probe], task.tokens[:n_probe])
-    tower_fns = {t: eval_run.make_outlier_fn(s.model, t) for t in ("image", "text")}
-    outlier_fn = lambda p, im, tk: eval_run.outlier_metrics(s.model, p, im, tk, n_probe,
-                                                            fns=tower_fns)
+    tower_fns = {t: outlier_lib.make_outlier_fn(s.model, t) for t in outlier_lib.TOWERS}
+    outlier_fn = lambda p, im, tk: outlier_lib.outlier_metrics(s.model, p, im, tk, n_probe,
+                                                               fns=tower_fns)
   step_flops = flops_lib.train_step_flops(config)
   peak = flops_lib.peak_tflops(s.mesh.devices.flat[0])
   n_dev = s.mesh.devices.size
@@ -304,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_log = time.perf_counter()
       if task is not None and config.eval.every_steps > 0 and (
           done % config.eval.every_steps == 0) and done != total:
-        ev = evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config)
+        ev = evaluate.evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config)
         writer.write(done, ev)
         last.update(ev)
         t_log = time.perf_counter()
@@ -324,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if sps_hist:
       ev["train/samples_per_sec_steady"] = float(np.median(sps_hist))
     if task is not None:
-      ev.update(evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config))
+      ev.update(evaluate.evaluate_all(enc_i, enc_t, state.params, task, extra_tasks, config))
     if ev:
       writer.write(final_step, ev)
       last.update(ev)
@@ -336,36 +242,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.close()
     writer.close()
     mgr.close()
-  summary = _summary(final_step, last)
+  summary = summary_line("qtx", final_step, last)
   if jax.process_index() == 0:
     print(summary, flush=True)
   return last
-
-
-def zeroshot_tasks(config) -> dict:
-  """Extra evaluators from eval.zeroshot ("name[@path],..."), each an EvalTask."""
-  spec = config.eval.get("zeroshot", "")
-  if not spec:
-    return {}
-  out = {}
-  for item in (x.strip() for x in spec.split(",") if x.strip()):
-    name, _, path = item.partition("@")
-    task = None
-    if data_sources.is_streamed_classification(name):  # whole split, streamed
-      task = data_sources.make_classification_stream(config, name, path or None)
-    out[name] = task or data_sources.make_eval_task(config, name, path or None)
-  return out
-
-
-def evaluate_all(enc_i, enc_t, params, task, extra_tasks, config) -> dict:
-  """The training data's eval split under eval/, each extra evaluator under eval/<name>/."""
-  fi = lambda x: enc_i(params, x)
-  ft = lambda x: enc_t(params, x)
-  out = evaluate.evaluate(fi, ft, task, config.eval.batch_size)
-  for name, t in extra_tasks.items():
-    out.update(evaluate.evaluate(fi, ft, t, config.eval.batch_size, prefix=f"eval/{name}/",
-                                 context_length=config.model.text.context_length))
-  return out
 
 
 def _check_finite(step, metrics):
@@ -376,6 +256,45 @@ def _check_finite(step, metrics):
         f"this step is intact; lower train.lr or check the data.")
 
 
-def _summary(step, m) -> str:
-  from qtx.metrics import summary_line
-  return summary_line("qtx", step, m)
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+# Keys that define which sample comes next (the checkpointed data position) or the model: a
+# resume that changes one is refused instead of continuing with a different meaning.
+DATA_ORDER_KEYS = ("seed", "data.name", "data.path", "data.eval_path", "data.num_workers",
+                   "data.augment", "data.augment_scale", "train.batch_size")
+
+
+def resume_changes(config, workdir: str) -> list[str]:
+  """Lines naming every config key that differs from the run this workdir holds, when training
+  resumes from its checkpoints (empty for a new run). Raises ValueError when a key of
+  DATA_ORDER_KEYS or model.* changed."""
+  wd = epath.Path(workdir)
+  saved = wd / "config.json"
+  ckpts = wd / "checkpoints"
+  if not (saved.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    return []
+  # the JSON round trip makes legacy tuples compare like the saved lists
+  old = _flat(json.loads(json.dumps(config_lib.fill_legacy(json.loads(saved.read_text())))))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(old) | set(new))
+             if k not in ("mode", "init_from") and old.get(k, "<absent>") != new.get(k, "<absent>")]
+  if not changed:
+    return []
+  order = [k for k in changed if k in DATA_ORDER_KEYS or k.startswith("model.")]
+  if order:
+    raise ValueError(
+        f"resuming {workdir}: {', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in order)}"
+        " changed since the run was started; the saved data position (or the model) would not "
+        "mean the same any more. Use a new --workdir, or resume with the old values")
+  head = (f"resuming {workdir} with a config that differs from the one it was trained with "
+          f"({len(changed)} key(s)); the run continues from its checkpoint with the new values:")
+  return [head] + [f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                   for k in changed]

@@ -282,7 +282,7 @@ def save_ptq_figures(model: CLIP, params, task, metrics: Mapping[str, Any], outd
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  """python -m qtx.quant.figures OUT.png WORKDIR [WORKDIR ...] [--names a,b,...]: per-layer
+  """python -m qtx.analysis.figures OUT.png WORKDIR [WORKDIR ...] [--names a,b,...]: per-layer
   inf-norm and kurtosis of several runs side by side (compare_outliers)."""
   import argparse
   p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])

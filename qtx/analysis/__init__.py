@@ -1,0 +1,1 @@
+"""Measurements of a trained model: outlier statistics of its towers, figures, PTQ ablation."""

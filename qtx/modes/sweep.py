@@ -1,0 +1,144 @@
+"""Sweep mode: train the config with each normalizer preset and several seeds, run PTQ on each
+trained model, and write one table (mean +- std over seeds).
+
+  python -m qtx.main --config configs/clip_tiny.py --workdir runs/sweep --config.mode=sweep \
+      --config.sweep.normalizers=softmax,clipped_softmax,gated,softplus \
+      --config.sweep.seeds=0,1,2 --config.sweep.out=docs/results_sweep.md
+
+Each row applies its normalizer preset (`config_lib.set_normalizer`: the normalizer, the gate,
+and alpha for clipped softmax, in both towers) to the config; every other key, command-line
+overrides included, is the config's. Every (preset, seed) run lives in WORKDIR/<preset>/seed<k>
+with its own metrics.jsonl; finished runs are reused, so an interrupted sweep continues where it
+stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+from qtx import config_lib
+
+COLUMNS = (
+    ("eval/zeroshot_top1", "FP zero-shot top-1 (%)", 100.0),
+    ("ptq/w8a8_zeroshot_top1", "W8A8 zero-shot top-1 (%)", 100.0),
+    ("eval/i2t_r1", "FP i2t R@1 (%)", 100.0),
+    ("ptq/w8a8_i2t_r1", "W8A8 i2t R@1 (%)", 100.0),
+    ("outliers/max_inf_norm", "max inf-norm", 1.0),
+    ("outliers/avg_kurtosis", "avg kurtosis", 1.0),
+    ("outliers/image/max_inf_norm", "image max inf-norm", 1.0),
+    ("outliers/text/max_inf_norm", "text max inf-norm", 1.0),
+)
+
+EXTRA = (
+    ("eval/t2i_r1", "FP t2i R@1 (%)", 100.0),
+    ("eval/zeroshot_top5", "FP zero-shot top-5 (%)", 100.0),
+    ("train/samples_per_sec_steady", "train samples/s", 1.0),
+    ("train_seconds", "train wall s", 1.0),
+    ("ptq/total_seconds", "PTQ wall s", 1.0),
+    ("peak_rss_gib", "peak RSS GiB", 1.0),
+)
+
+
+def _words(spec: str, what: str) -> list[str]:
+  words = [w.strip() for w in str(spec).split(",") if w.strip()]
+  if not words:
+    raise ValueError(f"sweep.{what} is empty; give comma-separated values")
+  return words
+
+
+def plan(config) -> list[tuple[str, int]]:
+  """(preset, seed) pairs of the sweep, seed-major (every preset has a first result early)."""
+  presets = _words(config.sweep.normalizers, "normalizers")
+  for p in presets:
+    if p not in config_lib.NORMALIZER_PRESETS:
+      raise ValueError(f"sweep.normalizers: unknown preset {p!r}; choose from "
+                       f"{config_lib.NORMALIZER_PRESETS}")
+  try:
+    seeds = [int(s) for s in _words(config.sweep.seeds, "seeds")]
+  except ValueError as e:
+    raise ValueError(f"sweep.seeds must be comma-separated integers, got "
+                     f"{config.sweep.seeds!r}") from e
+  return [(p, s) for s in seeds for p in presets]
+
+
+def run_config(config, preset: str, seed: int, mode: str):
+  """The config of one sweep run: `config` with the preset, the seed and the mode."""
+  c = config.copy_and_resolve_references()
+  config_lib.set_normalizer(c, preset)
+  c.seed = seed
+  c.mode = mode
+  return c
+
+
+def run_one(config, preset: str, seed: int, workdir: str) -> dict:
+  """Train and PTQ of one (preset, seed); the result is cached in WORKDIR/done.json."""
+  from qtx import modes
+  done = os.path.join(workdir, "done.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  t0 = time.perf_counter()
+  train_out = modes.run(run_config(config, preset, seed, "train"), workdir)
+  train_s = time.perf_counter() - t0
+  if "preempted_at" in train_out:
+    # SIGTERM: the run saved a checkpoint and stopped early; do not record it as finished and
+    # do not start the next run (rerunning the same command resumes it).
+    raise SystemExit(f"{preset} seed {seed} was preempted at step "
+                     f"{train_out['preempted_at']}; rerun the same command to resume")
+  ptq = run_config(config, preset, seed, "ptq")
+  ptq.init_from = workdir
+  ptq_out = modes.run(ptq, os.path.join(workdir, "ptq"))
+  result = {**{k: v for k, v in train_out.items() if isinstance(v, (int, float))},
+            **{k: v for k, v in ptq_out.items() if isinstance(v, (int, float))},
+            "train_seconds": train_s,
+            # peak resident memory of this process so far (it ran every earlier run too)
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+  with open(done, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def table(results: dict[str, list[dict]], columns=COLUMNS) -> str:
+  """Markdown table: one row per preset, mean +- sample std over its seeds, '-' when absent."""
+  header = "| normalizer | seeds | " + " | ".join(c[1] for c in columns) + " |"
+  sep = "|" + "---|" * (len(columns) + 2)
+  rows = [header, sep]
+  for name, runs in results.items():
+    cells = []
+    for key, _, mult in columns:
+      vals = np.asarray([r[key] for r in runs if key in r], np.float64) * mult
+      if len(vals) == 0:
+        cells.append("-")
+      elif len(vals) == 1:
+        cells.append(f"{vals[0]:.3g}" if mult == 1.0 else f"{vals[0]:.1f}")
+      else:
+        fmt = "{:.3g} ± {:.2g}" if mult == 1.0 else "{:.1f} ± {:.1f}"
+        cells.append(fmt.format(vals.mean(), vals.std(ddof=1)))
+    rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def run(config, workdir: str) -> dict:
+  """Every (preset, seed) of the sweep; returns {preset: [result per seed]}. The table is
+  rewritten to sweep.out (when set) after every run."""
+  pairs = plan(config)
+  results: dict[str, list[dict]] = {p: [] for p, _ in pairs}
+  cmd = "python -m qtx.main " + " ".join(sys.argv[1:]) if sys.argv[1:] else "(library call)"
+  t = ""
+  for preset, seed in pairs:
+    r = run_one(config, preset, seed, os.path.join(workdir, preset, f"seed{seed}"))
+    results[preset].append(r)
+    print(f"{preset} seed {seed}: " + ", ".join(
+        f"{k}={r[k]:.4g}" for k, *_ in COLUMNS + EXTRA if k in r), flush=True)
+    t = table(results)
+    if config.sweep.out:
+      with open(config.sweep.out, "w") as f:
+        f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column."
+                f"\n\n{t}\n\n{table(results, EXTRA)}\n")
+  print(t)
+  return results

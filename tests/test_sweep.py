@@ -1,0 +1,75 @@
+"""Sweep mode: its plan, the config of each run, the result table, and a resumable end-to-end run."""
+import json
+import os
+
+import pytest
+from conftest import micro_config
+
+from qtx import modes
+from qtx.modes import sweep
+
+
+def test_table_mean_and_std_over_seeds():
+  runs = {"softmax": [{"eval/zeroshot_top1": 0.40, "outliers/max_inf_norm": 10.0},
+                      {"eval/zeroshot_top1": 0.50, "outliers/max_inf_norm": 14.0}],
+          "gated": [{"eval/zeroshot_top1": 0.391}]}
+  cols = (("eval/zeroshot_top1", "zs", 100.0), ("outliers/max_inf_norm", "inf", 1.0))
+  t = sweep.table(runs, cols).splitlines()
+  assert t[0] == "| normalizer | seeds | zs | inf |"
+  assert t[2] == "| softmax | 2 | 45.0 ± 7.1 | 12 ± 2.8 |"  # std with ddof=1
+  assert t[3] == "| gated | 1 | 39.1 | - |"
+
+
+def test_plan_is_seed_major_and_checks_its_words():
+  c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax, gated",
+                      "sweep.seeds": "3,1"})
+  assert sweep.plan(c) == [("softmax", 3), ("gated", 3), ("softmax", 1), ("gated", 1)]
+  c.sweep.normalizers = "softmax,gatted"
+  with pytest.raises(ValueError, match="unknown preset 'gatted'"):
+    sweep.plan(c)
+  c.sweep.normalizers, c.sweep.seeds = "softmax", "0,x"
+  with pytest.raises(ValueError, match="sweep.seeds must be comma-separated integers"):
+    sweep.plan(c)
+
+
+def test_run_config_applies_the_preset_and_keeps_other_overrides():
+  c = micro_config(**{"train.lr": 0.0123, "model.image.attention.zeta": 1.5})
+  r = sweep.run_config(c, "clipped_softmax", 7, "ptq")
+  a = r.model.image.attention
+  assert (r.seed, r.mode, r.train.lr) == (7, "ptq", 0.0123)
+  assert (a.normalizer, a.alpha, a.zeta, a.gate) == ("clipped_softmax", 1.0, 1.5, "none")
+  g = sweep.run_config(c, "gated", 0, "train").model.text.attention
+  assert (g.normalizer, g.gate) == ("softmax", "linear")
+  assert c.seed == 0 and c.model.image.attention.normalizer == "softmax"  # c is not changed
+
+
+def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
+  out = tmp_path / "table.md"
+  c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax", "sweep.seeds": "0",
+                      "sweep.out": str(out), "train.total_steps": 2, "quant.calib_batches": 1,
+                      "quant.outliers_every_steps": 0})
+  res = modes.run(c, str(tmp_path / "sw"))
+  run_dir = tmp_path / "sw" / "softmax" / "seed0"
+  done = json.load(open(run_dir / "done.json"))
+  assert res["softmax"] == [done]
+  assert "ptq/w8a8_zeroshot_top1" in done and "eval/zeroshot_top1" in done
+  text = out.read_text()
+  assert "| softmax | 1 |" in text
+  # a second call reads done.json: no new metrics rows are written
+  n_rows = len(open(run_dir / "metrics.jsonl").read().splitlines())
+  assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]
+  assert len(open(run_dir / "metrics.jsonl").read().splitlines()) == n_rows
+  assert os.path.exists(run_dir / "ptq" / "metrics.jsonl")
+
+
+def test_override_parses_literals_and_names_unknown_keys():
+  from qtx import config_lib
+  c = micro_config()
+  config_lib.override(c, "train.lr=0.01")
+  config_lib.override(c, "mesh.num_devices=1")
+  config_lib.override(c, "data.name=folder")
+  assert c.train.lr == 0.01 and c.mesh.num_devices == 1 and c.data.name == "folder"
+  with pytest.raises(ValueError, match="unknown config key 'train.lrr'"):
+    config_lib.override(c, "train.lrr=1")
+  with pytest.raises(ValueError, match="is not KEY=VALUE"):
+    config_lib.override(c, "train.lr")
