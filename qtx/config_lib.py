@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from qtx.data import synthetic
+from qtx.data import registry
 
 NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus")
 
@@ -64,6 +64,21 @@ def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
   return c
 
 
+def quant_config() -> ml_collections.ConfigDict:
+  """The quant block: QuantConfig's fields with its defaults (qtx.quant.layers: enabled, bit
+  widths, granularities, estimator, percentile, momentum, keep_float as a comma-separated
+  string), then the keys the modes read: calib_batches (ptq), outliers_every_steps (train, 0 =
+  off), ablate (ptq: also evaluate with one quantizer class at a time in float)."""
+  import dataclasses
+  from qtx.quant.layers import QuantConfig
+  q = QuantConfig()
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(QuantConfig):
+    v = getattr(q, f.name)
+    c[f.name] = ",".join(v) if isinstance(v, tuple) else v
+  return c
+
+
 def tower_config(**kw) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.width = kw.pop("width")
@@ -109,12 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment_scale = (0.9, 1.0)  # random_resized_crop: range of the crop's area fraction
   c.data.num_workers = 0
   c.data.prefetch = 2
-  c.data.eval_size = 1024
-  # synthetic only: probability that a training caption leaves out the size, and independently
-  # the position (eval captions always name all four attributes)
-  c.data.omit_prob = synthetic.TRAIN_OMIT_PROB
-  # synthetic only: multiplier of every shape's size (< 1: more plain-background patches)
-  c.data.shape_scale = 1.0
+  # each source with options of its own owns the block data.<source> (data.synthetic, ...)
+  for name, block in registry.option_blocks().items():
+    c.data[name] = block
   # pod presets set these: the embedded synthetic shapes are refused there (a pod would train
   # on toy data) unless the config argument says 'runlocal'
   c.data.allow_synthetic = True
@@ -150,17 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = "default"  # logical-axis rule set (qtx.parallel.RULE_SETS)
   c.mesh.num_devices = 0  # 0 = all devices; N = the first N (e.g. a 1-device run on a host)
 
-  c.quant = ml_collections.ConfigDict()
-  c.quant.enabled = False
-  c.quant.weight_bits = 8
-  c.quant.act_bits = 8
-  c.quant.weight_granularity = "per_tensor"  # per_tensor | per_channel
-  c.quant.act_granularity = "per_tensor"  # per_tensor | per_token
-  c.quant.estimator = "running_minmax"  # minmax | running_minmax | percentile | mse
-  c.quant.percentile = 99.99
-  c.quant.momentum = 0.9
+  c.quant = quant_config()
   c.quant.calib_batches = 16
-  c.quant.keep_float = "head"  # comma-separated: activation points, weights, head
   c.quant.outliers_every_steps = 0  # 0 = off during training
   c.quant.ablate = False  # ptq mode: also evaluate with one quantizer class at a time in float
 
@@ -199,7 +202,7 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.text = tower_config(width=64, depth=3, heads=4, mlp_dim=256,
                               vocab_size=49408, context_length=20)
   c.data.name = "synthetic"
-  c.data.eval_size = 1000
+  c.data.synthetic.eval_size = 1000
   c.train.batch_size = 128
   c.train.total_steps = 1300
   c.train.lr = 3e-3
@@ -267,7 +270,7 @@ def _pod_config(arg, patch_size: int, name: str) -> ml_collections.ConfigDict:
     c.eval.every_steps = 0
     c.eval.num_samples = 16
     c.eval.batch_size = 8
-    c.data.eval_size = 16
+    c.data.synthetic.eval_size = 16
     c.checkpoint.every_steps = 2
   return c
 
@@ -284,9 +287,11 @@ def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # Keys added after runs were first saved, with the value that reproduces a run saved before the
-# key existed (data.omit_prob: such runs trained on full captions). `fill_legacy` adds them to a
-# saved config (run.load_config, and train mode's resume check, read config.json through it).
-LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0, "data.eval_path": "",
+# key existed (data.synthetic.omit_prob: such runs trained on full captions). `fill_legacy` adds
+# them to a saved config (run.load_config and train mode's resume check read config.json
+# through it).
+LEGACY_DEFAULTS = {"data.synthetic.omit_prob": 0.0, "data.synthetic.shape_scale": 1.0,
+                   "data.eval_path": "",
                    "data.augment": "none", "data.augment_scale": (0.9, 1.0),
                    "data.allow_synthetic": True, "data.preset": "",
                    "sweep.normalizers": ",".join(NORMALIZER_PRESETS), "sweep.seeds": "0,1,2",
@@ -296,6 +301,21 @@ LEGACY_DEFAULTS = {"data.omit_prob": 0.0, "data.shape_scale": 1.0, "data.eval_pa
 # Keys that runs once saved and the schema has since dropped (data.image_size only repeated
 # model.image.image_size); `fill_legacy` removes them.
 LEGACY_REMOVED = ("data.image_size",)
+# Keys that moved: the synthetic source's options now live in its own block.
+LEGACY_RENAMED = {"data.omit_prob": "data.synthetic.omit_prob",
+                  "data.shape_scale": "data.synthetic.shape_scale",
+                  "data.eval_size": "data.synthetic.eval_size"}
+
+
+def _node(config, parents, create: bool):
+  node = config
+  for p in parents:
+    if p not in node:
+      if not create:
+        return None
+      node[p] = {}
+    node = node[p]
+  return node
 
 
 def fill_legacy(config: dict) -> dict:
@@ -303,18 +323,20 @@ def fill_legacy(config: dict) -> dict:
   keys the schema dropped removed."""
   for key in LEGACY_REMOVED:
     *parents, name = key.split(".")
-    node = config
-    for p in parents:
-      node = node.get(p, {})
-    if name in node:
+    node = _node(config, parents, create=False)
+    if node is not None and name in node:
       del node[name]
+  for old, new in LEGACY_RENAMED.items():
+    *old_parents, old_name = old.split(".")
+    node = _node(config, old_parents, create=False)
+    if node is not None and old_name in node:
+      value = node[old_name]
+      del node[old_name]
+      *new_parents, new_name = new.split(".")
+      _node(config, new_parents, create=True)[new_name] = value
   for key, value in LEGACY_DEFAULTS.items():
     *parents, name = key.split(".")
-    node = config
-    for p in parents:
-      if p not in node:
-        node[p] = {}
-      node = node[p]
+    node = _node(config, parents, create=True)
     if name not in node:
       node[name] = value
   return config
@@ -349,7 +371,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "shapes; point it at your data (--config.data.name=webdataset|folder|tfds:NAME "
         f"--config.data.path=...), or run a local smoke test with {preset}:runlocal "
         "(a few tiny steps on the synthetic data)")
-  synthetic.check_config(c.data)
+  registry.check_options(c.data)
   for key in ("batch_size", "total_steps", "log_every", "microbatches"):
     if c.train[key] <= 0:
       raise ValueError(f"train.{key} must be > 0, got {c.train[key]}")

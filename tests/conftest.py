@@ -31,7 +31,7 @@ def micro_config(preset="softmax", **overrides):
   c.eval.every_steps = 0
   c.eval.num_samples = 64
   c.eval.batch_size = 32
-  c.data.eval_size = 64
+  c.data.synthetic.eval_size = 64
   c.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
   c.mesh.num_devices = 1
   for k, v in overrides.items():

@@ -19,7 +19,7 @@ def test_config_and_input_errors_are_one_short_message(tmp_path):
   r = _main("--config", TINY, "--workdir", str(tmp_path / "a"),
             "--config.model.image.attention.normalizer=softmaxx")
   assert r.returncode == 2
-  assert "qtx: error: model.image.attention: unknown normalizer 'softmaxx'" in r.stderr
+  assert "qtx: error: model.image.attention.normalizer: unknown normalizer 'softmaxx'" in r.stderr
   assert "Traceback" not in r.stderr and "--verbose" in r.stderr
   r = _main("--config", TINY, "--workdir", str(tmp_path / "b"), "--config.mode=eval")
   assert r.returncode == 2 and "no checkpoint to load" in r.stderr

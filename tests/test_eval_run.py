@@ -18,7 +18,7 @@ from qtx.modes import train as train_mode
 
 def _config(**kw):
   return micro_config(**{"model.image.depth": 2, "model.text.depth": 1, "train.total_steps": 4,
-                         "eval.num_samples": 24, "data.eval_size": 24, "eval.batch_size": 16,
+                         "eval.num_samples": 24, "data.synthetic.eval_size": 24, "eval.batch_size": 16,
                          **kw})
 
 

@@ -54,8 +54,14 @@ def test_the_normalizer_meets_the_contract(workdir):
     r = np.where(where, np.maximum(x, 0) ** 2, 0.0)
     np.testing.assert_allclose(y, r / (r.sum(-1, keepdims=True) + 1e-6), rtol=1e-6)
     assert y[0, 3] == 0.0 and np.all(y[1] == 0.0)
-    with pytest.raises(ValueError, match="sq_relu_eps must be > 0"):
+    with pytest.raises(ValueError, match="sq_relu_eps: must be > 0"):
       AttentionConfig(normalizer="sq_relu", sq_relu_eps=0.0)
+    import my_config
+    from qtx import config_lib
+    c = my_config.get_config()
+    c.model.text.attention.sq_relu_eps = 0.0
+    with pytest.raises(ValueError, match=r"^model\.text\.attention\.sq_relu_eps: must be > 0, got 0\.0$"):
+      config_lib.validate(c)
     with pytest.raises(ValueError, match="impl='pallas' supports"):
       AttentionConfig(normalizer="sq_relu", impl="pallas")
   finally:
@@ -85,6 +91,7 @@ def test_a_misspelt_normalizer_is_one_line_naming_the_choices(workdir):
                       "--workdir", "bad", "--config.model.image.attention.normalizer=sq_relux"],
                      cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
-  assert ("qtx: error: model.image.attention: unknown normalizer 'sq_relux'; choose one of"
+  assert ("qtx: error: model.image.attention.normalizer: unknown normalizer 'sq_relux'; "
+          "choose one of"
           in r.stderr), r.stderr[-2000:]
   assert "'sq_relu'" in r.stderr and "Traceback" not in r.stderr

@@ -38,7 +38,7 @@ MICRO_FLAGS = [
     "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16",
     "--config.model.text.context_length=16",
     "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
-    "--config.data.eval_size=16", "--config.train.log_every=1", "--config.train.total_steps=4",
+    "--config.data.synthetic.eval_size=16", "--config.train.log_every=1", "--config.train.total_steps=4",
     "--config.mesh.num_devices=0", "--config.mesh.shape.data=-1",
 ]
 

@@ -82,11 +82,11 @@ def test_encode_batched_pads_last_batch_and_keeps_order():
 
 def test_caption_omission_reaches_the_train_source_only():
   c = micro_config()
-  assert c.data.omit_prob == 0.5
-  c.data.omit_prob = 0.25
+  assert c.data.synthetic.omit_prob == 0.5
+  c.data.synthetic.omit_prob = 0.25
   assert pipeline.make_source(c, "train").omit_prob == 0.25
   assert pipeline.make_source(c, "eval").omit_prob == 0.0  # eval captions name all attributes
-  c.data.omit_prob = 1.5
+  c.data.synthetic.omit_prob = 1.5
   from qtx import config_lib
   with pytest.raises(ValueError, match="omit_prob"):
     config_lib.validate(c)

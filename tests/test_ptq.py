@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _config(**kw):
   c = micro_config(**{"model.image.depth": 1, "model.text.depth": 1, "quant.calib_batches": 2,
-                      "eval.num_samples": 16, "data.eval_size": 16, "eval.batch_size": 16, **kw})
+                      "eval.num_samples": 16, "data.synthetic.eval_size": 16, "eval.batch_size": 16, **kw})
   return c
 
 

@@ -22,7 +22,7 @@ MICRO_FLAGS = [
     "--config.model.text.mlp_dim=64", "--config.model.image.image_size=16", "--config.model.image.patch_size=4",
     "--config.model.text.context_length=16",
     "--config.train.batch_size=8", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
-    "--config.data.eval_size=16", "--config.train.log_every=2", "--config.mesh.num_devices=1",
+    "--config.data.synthetic.eval_size=16", "--config.train.log_every=2", "--config.mesh.num_devices=1",
 ]
 
 
@@ -86,18 +86,27 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 def test_unknown_normalizer_and_bad_values_are_clear_errors():
   c = micro_config()
   c.model.image.attention.normalizer = "softmaxx"
-  with pytest.raises(ValueError, match=r"model.image.attention: unknown normalizer 'softmaxx'"):
+  with pytest.raises(ValueError, match=r"model.image.attention.normalizer: unknown normalizer 'softmaxx'"):
     config_lib.validate(c)
   c = micro_config()
   c.model.text.attention.gate = "sigmoid"
-  with pytest.raises(ValueError, match=r"unknown attention gate 'sigmoid'; choose one of"):
+  with pytest.raises(ValueError, match=r"^model.text.attention.gate: unknown attention gate "
+                                       r"'sigmoid'; choose one of"):
+    config_lib.validate(c)
+  c = micro_config("clipped_softmax")
+  c.model.image.attention.alpha, c.model.image.attention.gamma = None, 0.25
+  with pytest.raises(ValueError, match=r"^model.image.attention.gamma: must be <= 0, got 0.25$"):
+    config_lib.validate(c)
+  c = micro_config(**{"model.text.attention.softplus_p": -1.0})
+  c.model.text.attention.normalizer = "softplus"
+  with pytest.raises(ValueError, match=r"^model.text.attention.softplus_p: must be > 0"):
     config_lib.validate(c)
   c = micro_config(**{"loss.name": "triplet"})
   with pytest.raises(ValueError, match=r"unknown loss.name 'triplet'"):
     config_lib.validate(c)
   for bad in (0.0, -0.5, 2.0):
-    c = micro_config(**{"data.shape_scale": bad})
-    with pytest.raises(ValueError, match=r"data.shape_scale must be in \(0, 1.5\]"):
+    c = micro_config(**{"data.synthetic.shape_scale": bad})
+    with pytest.raises(ValueError, match=r"data.synthetic.shape_scale must be in \(0, 1.5\]"):
       config_lib.validate(c)
   with pytest.raises(ValueError, match=r"unknown config argument word\(s\) \['relu'\]"):
     config_lib.tiny_config("relu")
@@ -148,12 +157,16 @@ def test_cli_main_job_runs(tmp_path):
   chex.assert_trees_all_equal(params, saved)
   with pytest.raises(FileNotFoundError, match="not a qtx workdir"):
     run_lib.load_run(str(tmp_path / "checkpoints"))
-  # a run saved before data.omit_prob and data.shape_scale existed loads with the values it had
-  del cfg["data"]["omit_prob"], cfg["data"]["shape_scale"]
+  # a run saved before the synthetic source had its own block (data.eval_size), before
+  # omit_prob and shape_scale existed, and with data.image_size, loads with the values it had
+  cfg["data"]["eval_size"] = cfg["data"].pop("synthetic")["eval_size"]
+  cfg["data"]["image_size"] = cfg["model"]["image"]["image_size"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(cfg, f)
   config, _, old_params, _ = run_lib.load_run(str(tmp_path))
-  assert (config.data.omit_prob, config.data.shape_scale) == (0.0, 1.0)
+  assert (config.data.synthetic.omit_prob, config.data.synthetic.shape_scale) == (0.0, 1.0)
+  assert config.data.synthetic.eval_size == 16 and "image_size" not in config.data
+  assert "eval_size" not in config.data
   chex.assert_trees_all_equal(old_params, saved)
 
 
@@ -162,6 +175,7 @@ def test_cli_help_lists_modes_and_fields():
                      capture_output=True, text=True, timeout=120)
   out = r.stdout + r.stderr  # absl prints the usage and exits with status 1
   assert r.returncode in (0, 1)
-  for word in ("train", "eval", "ptq", "model.{image,text}.attention", "loss.name",
-               "mesh.shape", "quant.*", "--workdir"):
+  for word in ("train", "eval", "ptq", "sweep", "model.{image,text}.attention", "loss.name",
+               "mesh.shape", "quant.*", "--workdir", "--print_config", "runlocal",
+               "configs/clip_b16.py:gated,runlocal"):
     assert word in out, word

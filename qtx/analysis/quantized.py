@@ -19,17 +19,12 @@ from qtx import run as run_lib
 from qtx.nn.clip import CLIP
 from qtx.quant.layers import QUANT_STATS, QuantConfig
 
-# Keys of the `quant` block read by this driver only (QuantConfig must not see them).
-PTQ_KEYS = ("ablate",)
-
 # ----------------------------------------------------------------------------- config
 
 def quant_config(config, **overrides) -> QuantConfig:
   """QuantConfig from config.quant with enabled=True (overrides win)."""
   d = config.quant.to_dict() if hasattr(config.quant, "to_dict") else dict(config.quant)
-  for k in PTQ_KEYS:
-    d.pop(k, None)
-  d["enabled"] = True
+  d["enabled"] = True  # the modes' keys (calib_batches, ...) are QuantConfig's DRIVER_KEYS
   d.update(overrides)
   return QuantConfig.from_config(d)
 

@@ -1,9 +1,11 @@
 """Data-source registry: `data.name` -> a factory(config, split) -> random-access source.
 
 A source module registers itself when imported (`register_source('folder', factory)`); a name
-ending in ':' is a prefix (`tfds:` serves `tfds:cifar10`). The built-in sources are imported the
-first time their name is asked for, so optional dependencies (tensorflow_datasets, PIL) load
-only when used. `qtx.data.sources` documents what a source returns.
+ending in ':' is a prefix (`tfds:` serves `tfds:cifar10`). A built-in source is imported the
+first time its name is asked for: the module `qtx.data.<name>` (the part before ':'), else
+every module of `qtx.data` is imported until one registers it. So optional dependencies
+(tensorflow_datasets, PIL) load only when used, and a new source is one new module.
+`qtx.data.sources` documents what a source returns.
 """
 from __future__ import annotations
 
@@ -12,22 +14,34 @@ import os
 from typing import Callable, Optional
 
 _SOURCES: dict[str, Callable] = {}
+# Source options: config block name (data.<block>) -> (defaults() -> ConfigDict, check or None).
+_OPTIONS: dict[str, tuple[Callable, Optional[Callable]]] = {}
 
-# Built-in sources: registered name -> the module that registers it on import.
-BUILTIN = {
-    "synthetic": "qtx.data.synthetic",
-    "folder": "qtx.data.folder",
-    "imagefolder": "qtx.data.imagefolder",
-    "webdataset": "qtx.data.webdataset",
-    "tfds:": "qtx.data.tfds_source",
-    "fashion_mnist": "qtx.data.fashion_mnist",
-    "fashion_mnist:": "qtx.data.fashion_mnist",
-}
+def register_source(name: str, factory: Callable, options: Optional[Callable] = None,
+                    check: Optional[Callable] = None) -> None:
+  """factory(config, split) -> source; `name` may be a prefix ending in ':' (e.g. 'tfds:').
 
-
-def register_source(name: str, factory: Callable) -> None:
-  """factory(config, split) -> source; `name` may be a prefix ending in ':' (e.g. 'tfds:')."""
+  A source with options of its own owns the config block data.<name> (without the ':'):
+  options() returns its keys with their defaults (an ml_collections.ConfigDict), and
+  check(block) raises ValueError naming a bad key by its full path (data.<name>.<key>).
+  """
   _SOURCES[name] = factory
+  if options is not None:
+    _OPTIONS[name.rstrip(":")] = (options, check)
+
+
+def option_blocks() -> dict:
+  """{block name: its defaults} of every source with options (config_lib puts them under data)."""
+  _import_all()
+  return {name: options() for name, (options, _) in sorted(_OPTIONS.items())}
+
+
+def check_options(data) -> None:
+  """Runs each source's check on its block of the data config (whichever source is in use)."""
+  _import_all()
+  for name, (_, check) in sorted(_OPTIONS.items()):
+    if check is not None and name in data:
+      check(data[name])
 
 
 def _lookup(name: str) -> Optional[Callable]:
@@ -39,22 +53,39 @@ def _lookup(name: str) -> Optional[Callable]:
   return None
 
 
-def _builtin_key(name: str) -> Optional[str]:
-  if name in BUILTIN:
-    return name
-  prefixes = [k for k in BUILTIN if k.endswith(":") and name.startswith(k)]
-  return prefixes[0] if prefixes else None
+def _import_quietly(module: str) -> None:
+  """Import `module`; nothing when it does not exist (the source modules import their optional
+  dependencies, e.g. tensorflow_datasets, only when a source is built)."""
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name != module:
+      raise
+
+
+def _import_all() -> None:
+  """Import every module of qtx.data (each source module registers itself)."""
+  import pkgutil
+  import qtx.data
+  for info in pkgutil.iter_modules(qtx.data.__path__):
+    _import_quietly(f"qtx.data.{info.name}")
 
 
 def names() -> tuple[str, ...]:
   """Every source name that make_source accepts (prefixes end in ':')."""
-  return tuple(sorted(set(BUILTIN) | set(_SOURCES)))
+  _import_all()
+  return tuple(sorted(_SOURCES))
 
 
 def get_factory(name: str) -> Callable:
   factory = _lookup(name)
-  if factory is None and _builtin_key(name) is not None:
-    importlib.import_module(BUILTIN[_builtin_key(name)])
+  if factory is None:
+    base = name.split(":", 1)[0]
+    if base.isidentifier():
+      _import_quietly(f"qtx.data.{base}")
+    factory = _lookup(name)
+  if factory is None:
+    _import_all()
     factory = _lookup(name)
   if factory is None:
     raise ValueError(f"unknown data.name {name!r}; choose one of {names()}")

@@ -38,10 +38,10 @@ class AttentionConfig:
 
   def __init__(self, **kw):
     known = {**COMMON_KEYS, **normalizers.all_params()}
-    unknown = set(kw) - set(known)
+    unknown = sorted(set(kw) - set(known))
     if unknown:
-      raise ValueError(f"unknown attention config keys {sorted(unknown)}; accepted: "
-                       f"{sorted(known)}")
+      raise normalizers.ParamError(unknown[0], f"unknown attention config key; accepted: "
+                                   f"{sorted(known)}")
     object.__setattr__(self, "_values", tuple(sorted({**known, **kw}.items())))
     self._check()
 
@@ -76,18 +76,23 @@ class AttentionConfig:
     return {k: getattr(self, k) for k in self.spec.params}
 
   def _check(self):
-    spec = self.spec  # validates the name
+    """Raises normalizers.ParamError naming the key of the first bad value."""
+    P = normalizers.ParamError
+    try:
+      spec = self.spec
+    except ValueError as e:
+      raise P("normalizer", str(e)) from None
     if spec.check is not None:
       spec.check(self.values())
     if self.gate not in GATES:
-      raise ValueError(f"unknown attention gate {self.gate!r}; choose one of {GATES}")
+      raise P("gate", f"unknown attention gate {self.gate!r}; choose one of {GATES}")
     if self.impl not in IMPLS:
-      raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
+      raise P("impl", f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
     if not 0.0 < self.gate_pi_init < 1.0:
-      raise ValueError(f"gate_pi_init must be in (0, 1), got {self.gate_pi_init}")
+      raise P("gate_pi_init", f"must be in (0, 1), got {self.gate_pi_init}")
     if self.impl == "pallas" and spec.pallas is None:
       with_kernel = tuple(n for n in normalizers.names() if normalizers.spec(n).pallas)
-      raise ValueError(f"impl='pallas' supports {with_kernel}, not {self.normalizer!r}")
+      raise P("impl", f"impl='pallas' supports {with_kernel}, not {self.normalizer!r}")
 
   def normalizer_at(self, step=None) -> normalizers.Normalizer:
     """The normalizer in force at training step `step` (None: outside training)."""

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qtx.nn import normalizers
 from qtx.nn.attention import AttentionConfig
 from qtx.nn.text import TextTower
 from qtx.nn.vit import VisionTower
@@ -81,6 +82,8 @@ def check_model_config(m) -> None:
                        f"{sorted(keys + ('attention',))}")
     try:
       AttentionConfig.from_config(t.attention)
+    except normalizers.ParamError as e:
+      raise ValueError(f"model.{tower}.attention.{e.key}: {e.message}") from None
     except (ValueError, TypeError) as e:
       raise ValueError(f"model.{tower}.attention: {e}") from None
     if t.get("activation", "gelu_tanh") not in ACTIVATIONS:

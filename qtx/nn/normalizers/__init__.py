@@ -9,14 +9,24 @@ float32 and the result is cast back to the input dtype.
 - clipped_softmax (`clipped_softmax.py`): Bondarenko et al. 2023, eq. 4.
 - softplus (`softplus.py`): softplus attention with re-weighting (Gao & Spratling 2025).
 
-Each is one module that registers a `Spec` (`base.py`: its config keys and defaults, validation,
-optional Pallas support); docs/extending.md shows how to add one. Gated attention is not a
+Each is one module of this package that registers a `Spec` (`base.py`: its config keys and
+defaults, validation, optional Pallas support) and lists its public functions in `__all__`; the
+package imports every module it holds, so adding a normalizer is adding one file (docs/extending.md). Gated attention is not a
 normalizer: it multiplies the context of each head (`qtx.nn.attention`), on top of any of these.
 """
-from qtx.nn.normalizers.base import Normalizer, Spec, all_params, get, names, register, spec
-from qtx.nn.normalizers.softmax import softmax
-from qtx.nn.normalizers.clipped_softmax import clipped_softmax
-from qtx.nn.normalizers.softplus import plain_softplus_reweight, softplus_reweight
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-__all__ = ["Normalizer", "Spec", "all_params", "get", "names", "register", "spec", "softmax",
-           "clipped_softmax", "softplus_reweight", "plain_softplus_reweight"]
+from qtx.nn.normalizers.base import (Normalizer, ParamError, Spec, all_params, get, names,
+                                     register, spec)
+
+__all__ = ["Normalizer", "ParamError", "Spec", "all_params", "get", "names", "register", "spec"]
+
+# Every module of this package is a normalizer: importing it registers it, and the names in its
+# __all__ become names of qtx.nn.normalizers (so a new normalizer is one new file).
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+  if _info.name != "base":
+    _module = _importlib.import_module(f"{__name__}.{_info.name}")
+    for _name in getattr(_module, "__all__", ()):
+      globals()[_name] = getattr(_module, _name)
+      __all__.append(_name)

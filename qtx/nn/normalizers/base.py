@@ -8,7 +8,7 @@ A normalizer plug-in is one module that defines its function(s) and calls `regis
   factory    factory(**kwargs) -> Normalizer, the public `get(name, **kwargs)`
   from_config(values, step) -> Normalizer: the normalizer of an attention config (values holds
              every key of `params`), at training step `step` (None outside training)
-  check      check(values) raises ValueError naming the bad key (optional)
+  check      check(values) raises ParamError(key, message) for a bad value (optional)
   pallas     pallas(values, step, num_keys, per_row) -> the two-pass kernels' normalizer
              arguments {'gamma': ..., 'zeta': ...}, or None where the kernels cannot run it
              (per_row: rows see different numbers of keys, causal or padded); None = no kernel
@@ -42,6 +42,15 @@ class Normalizer:
   def __call__(self, x: Array, where: Optional[Array] = None, n_keys=None) -> Array:
     """Normalise scores along the last axis."""
     return self.fn(x, where=where, n_keys=n_keys)
+
+
+class ParamError(ValueError):
+  """A bad value of one attention-config key: `key` names it, and the config check prefixes the
+  tower's path (model.image.attention.<key>)."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f"{key}: {message}")
+    self.key, self.message = key, message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from qtx.nn.normalizers.base import Normalizer, Spec, no_kwargs, register
+from qtx.nn.normalizers.base import Normalizer, ParamError, Spec, no_kwargs, register
 from qtx.nn.normalizers.softmax import softmax
+
+__all__ = ["clipped_softmax", "gamma_ramp"]
 
 Array = jax.Array
 
@@ -77,9 +79,17 @@ def _kwargs(values) -> dict:
 
 
 def _check(values) -> None:
-  _factory(**_kwargs(values))  # the factory names the bad value
+  alpha, gamma, zeta = values["alpha"], values["gamma"], values["zeta"]
+  if alpha is not None and gamma not in (None, 0.0):
+    raise ParamError("alpha", f"give gamma ({gamma}) or alpha ({alpha}), not both")
+  if alpha is not None and alpha < 0:
+    raise ParamError("alpha", f"must be >= 0 (gamma = -alpha / N), got {alpha}")
+  if gamma is not None and gamma > 0:
+    raise ParamError("gamma", f"must be <= 0, got {gamma}")
+  if zeta < 1:
+    raise ParamError("zeta", f"must be >= 1, got {zeta}")
   if values["gamma_warmup_steps"] < 0:
-    raise ValueError(f"gamma_warmup_steps must be >= 0, got {values['gamma_warmup_steps']}")
+    raise ParamError("gamma_warmup_steps", f"must be >= 0, got {values['gamma_warmup_steps']}")
 
 
 def _pallas(values, step, num_keys, per_row):

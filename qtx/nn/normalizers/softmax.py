@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from qtx.nn.normalizers.base import Normalizer, Spec, no_kwargs, register
 
+__all__ = ["softmax"]
+
 Array = jax.Array
 
 

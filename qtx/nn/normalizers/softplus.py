@@ -14,8 +14,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from qtx.nn.normalizers.base import Normalizer, Spec, no_kwargs, register
+from qtx.nn.normalizers.base import Normalizer, ParamError, Spec, no_kwargs, register
 from qtx.nn.normalizers.softmax import softmax
+
+__all__ = ["softplus_reweight", "plain_softplus_reweight", "autodiff_gradients"]
 
 Array = jax.Array
 
@@ -129,9 +131,10 @@ def _from_config(values, step) -> Normalizer:
 
 
 def _check(values) -> None:
-  _from_config(values, None)
+  if not values["softplus_p"] > 0:
+    raise ParamError("softplus_p", f"must be > 0, got {values['softplus_p']}")
   if not values["softplus_eps"] > 0:
-    raise ValueError(f"softplus_eps must be > 0, got {values['softplus_eps']}")
+    raise ParamError("softplus_eps", f"must be > 0, got {values['softplus_eps']}")
 
 
 register(Spec("softplus", params={"softplus_p": 15.0, "softplus_eps": 1e-6}, factory=_factory,

@@ -1,0 +1,4 @@
+"""python -m qtx.weights: see qtx.weights.cli."""
+from qtx.weights.cli import main
+
+raise SystemExit(main())
