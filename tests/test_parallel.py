@@ -113,12 +113,29 @@ def test_b16_fsdp_shards_every_large_parameter_without_allocating():
   c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
   s = run_lib.build(c, train=True)  # eval_shape only; raises if a >1 MiB param is replicated
   leaves = jax.tree_util.tree_flatten_with_path(s.abstract_state.params)[0]
+  leaves_by_name = [(jax.tree_util.keystr(p), x) for p, x in leaves]
   big = [(jax.tree_util.keystr(p), x) for p, x in leaves if x.size * 4 >= 1 << 20]
   assert len(big) > 100
   for name, x in big:
     assert any(a is not None for a in x.sharding.spec), name
     shard = x.sharding.shard_shape(x.shape)
     assert np.prod(shard) * 8 == np.prod(x.shape), (name, shard)
+  # Adam's moments are sharded exactly like their parameters (not replicated on every device)
+  specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in leaves}
+  moments = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(s.abstract_state.opt_state)[0]:
+    key = jax.tree_util.keystr(path)
+    for name, spec in specs.items():
+      if key.endswith(name) and (".mu" in key or ".nu" in key) and x.shape == (
+          dict(leaves_by_name)[name].shape):
+        assert x.sharding.spec == spec, (key, x.sharding.spec, spec)
+        moments += 1
+  assert moments == 2 * len(leaves)
+  # eval and PTQ build no optimizer: parameters only, with the same shardings
+  e = run_lib.build(c)
+  assert e.tx is None and e.abstract_state is None
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x.sharding.spec, e.abstract_params),
+                              jax.tree.map(lambda x: x.sharding.spec, s.abstract_state.params))
   # the train step lowers (no compile, no allocation) with these shardings
   step = train_mode.make_train_step(s)
   batch = {"image": jax.ShapeDtypeStruct((16, 224, 224, 3), jnp.uint8,
