@@ -71,6 +71,18 @@ class MetricsWriter:
       self._tb = None
 
 
+def write_row(workdir: str, step: int, metrics: Mapping[str, Any], summary: str = "") -> None:
+  """One row of `metrics` at `step` to WORKDIR/metrics.jsonl (and TensorBoard); `summary` is
+  printed on process 0 (a mode's one-line end-of-run report)."""
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write(step, metrics)
+  finally:
+    writer.close()
+  if summary and jax.process_index() == 0:
+    print(summary, flush=True)
+
+
 def read(workdir_or_path: str) -> list[dict]:
   path = epath.Path(workdir_or_path)
   if path.is_dir():

@@ -220,3 +220,18 @@ def test_registry_unknown_name():
   with pytest.raises(TypeError, match="unexpected parameters"):
     N.get("softmax", gamma=1.0)
   assert set(N.names()) >= {"softmax", "clipped_softmax", "softplus"}
+
+
+def test_every_module_of_the_package_is_a_registered_normalizer_with_its_config_keys():
+  """A new normalizer is one new file: the package imports each module, which registers its
+  Spec, whose parameters become keys of every tower's attention block."""
+  import os
+  import pkgutil
+  from qtx import config_lib
+  mods = {m.name for m in pkgutil.iter_modules(N.__path__)} - {"base"}
+  assert mods == set(N.names()) == {"softmax", "clipped_softmax", "softplus"}
+  block = config_lib.attention_config()
+  for name in N.names():
+    for key, default in N.spec(name).params.items():
+      assert key in block and block[key] == default, (name, key)
+  assert os.path.basename(N.softmax.__module__.replace(".", "/")) == "softmax"

@@ -11,14 +11,12 @@ statistics of both towers (`qtx.analysis.outliers`).
 """
 from __future__ import annotations
 
-import jax
-
 from qtx import checkpoint as ckpt_lib
 from qtx import evaluate
+from qtx import metrics as metrics_lib
 from qtx import run as run_lib
 from qtx.analysis import outliers
 from qtx.data import pipeline
-from qtx.metrics import MetricsWriter, summary_line
 
 
 def run(config, workdir: str) -> dict:
@@ -33,11 +31,5 @@ def run(config, workdir: str) -> dict:
                                   config)
   metrics.update(outliers.outlier_metrics(r.model, params, task.images, task.tokens,
                                           config.eval.batch_size))
-  writer = MetricsWriter(workdir)
-  try:
-    writer.write(step, metrics)
-  finally:
-    writer.close()
-  if jax.process_index() == 0:
-    print(summary_line("qtx eval", step, metrics), flush=True)
+  metrics_lib.write_row(workdir, step, metrics, metrics_lib.summary_line("qtx eval", step, metrics))
   return metrics

@@ -35,13 +35,13 @@ from typing import Any
 import jax
 
 from qtx import checkpoint as ckpt_lib
+from qtx import metrics as metrics_lib
 from qtx import parallel
 from qtx import run as run_lib
 from qtx.analysis import outliers
 from qtx.analysis.quantized import (bits_label, calibrate, init_quant_stats, quant_config,
                                     quantized_metrics, timed_evaluate)
 from qtx.data import pipeline
-from qtx.metrics import MetricsWriter
 from qtx.nn.clip import CLIP
 from qtx.run import Run, build_model
 
@@ -200,13 +200,8 @@ def run(config, workdir: str, ablate: bool | None = None) -> dict:
                                             os.path.join(workdir, "figures"))
   metrics["ptq/total_seconds"] = time.perf_counter() - t_start
 
-  writer = MetricsWriter(workdir)
-  try:
-    writer.write(step, metrics)
-  finally:
-    writer.close()
-  if jax.process_index() == 0:
-    print(_report(step, label, qcfg, rows, metrics, len(task.images), figure_paths), flush=True)
+  metrics_lib.write_row(workdir, step, metrics,
+                        _report(step, label, qcfg, rows, metrics, len(task.images), figure_paths))
   if ablation is not None:
     metrics["ablation"] = ablation
   return metrics
