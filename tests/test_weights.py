@@ -283,6 +283,15 @@ def test_init_from_a_weight_file(tmp_path):
   np.testing.assert_array_equal(np.asarray(params["visual"]["patch_embed"]["kernel"]),
                                 weights.patch_kernel(sd["visual.conv1.weight"]))
   assert step == 0 and s.tx is None  # parameters only: no optimizer is built
+  # a softmax_sink model imports the same weights; its sink logits keep their initial value
+  c = config_for(sd, **{"model.image.attention.normalizer": "softmax_sink",
+                        "model.image.attention.sink_init": -1.0})
+  params, _ = run_lib.params_from(path, run_lib.build(c), seed=0)
+  blocks = [k for k in params["visual"]["encoder"] if k.startswith("block_")]
+  for b in blocks:
+    np.testing.assert_array_equal(np.asarray(params["visual"]["encoder"][b]["attn"]["sink"]),
+                                  np.full((c.model.image.heads,), -1.0, np.float32))
+  assert "sink" not in params["textual"]["encoder"][blocks[0]]["attn"]
 
 
 def test_file_errors(tmp_path):

@@ -222,7 +222,8 @@ class MultiHeadAttention(nn.Module):
         from qtx import kernels
         p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, **kernel_args)
       else:
-        p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys)
+        learned = {kw: self.param(name, *make(H)) for kw, (name, make) in norm.learned.items()}
+        p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys, **learned)
       p_BxHxTxS = p_BxHxTxS.astype(self.dtype)
       self.sow("intermediates", "attn_probs", p_BxHxTxS)
       p_BxHxTxS = ActQuant(cfg=self.quant, point="attn_probs", name="probs_quant")(

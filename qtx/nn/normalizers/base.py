@@ -7,7 +7,9 @@ A normalizer plug-in is one module that defines its function(s) and calls `regis
              defaults are written; `qtx.config_lib` builds the config block from them)
   factory    factory(**kwargs) -> Normalizer, the public `get(name, **kwargs)`
   from_config(values, step) -> Normalizer: the normalizer of an attention config (values holds
-             every key of `params`), at training step `step` (None outside training)
+             every key of `params`), at training step `step` (None outside training); its
+             `learned` field names parameters the attention module creates for it (e.g. a
+             sink logit per head)
   check      check(values) raises ParamError(key, message) for a bad value (optional)
   pallas     pallas(values, step, num_keys, per_row) -> the two-pass kernels' normalizer
              arguments {'gamma': ..., 'zeta': ...}, or None where the kernels cannot run it
@@ -38,10 +40,13 @@ class Normalizer:
   fn: Callable[..., Array]
   normalize_qk: bool = False
   score_scale: Callable[[int, Array], Array] = lambda d, n: 1.0 / math.sqrt(d)
+  # learned parameters the attention module creates and passes to fn as keyword arguments:
+  # {kwarg: (parameter name, num_heads -> (initializer, shape))}
+  learned: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
-  def __call__(self, x: Array, where: Optional[Array] = None, n_keys=None) -> Array:
-    """Normalise scores along the last axis."""
-    return self.fn(x, where=where, n_keys=n_keys)
+  def __call__(self, x: Array, where: Optional[Array] = None, n_keys=None, **learned) -> Array:
+    """Normalise scores along the last axis (`learned`: the arrays of `self.learned`)."""
+    return self.fn(x, where=where, n_keys=n_keys, **learned)
 
 
 class ParamError(ValueError):
