@@ -229,7 +229,8 @@ def test_every_module_of_the_package_is_a_registered_normalizer_with_its_config_
   import pkgutil
   from qtx import config_lib
   mods = {m.name for m in pkgutil.iter_modules(N.__path__)} - {"base"}
-  assert mods == set(N.names()) == {"softmax", "clipped_softmax", "softplus", "softmax_sink"}
+  assert mods == {"softmax", "clipped_softmax", "softplus", "softmax_sink"}
+  assert mods <= set(N.names())  # other tests may register plug-ins of their own too
   block = config_lib.attention_config()
   for name in N.names():
     for key, default in N.spec(name).params.items():
