@@ -163,19 +163,15 @@ def restore_params(path: str, abstract_params) -> tuple[Any, int]:
   """(params, step) of a qtx checkpoint (see step_folder), read without the optimizer state:
   only the parameters are loaded, onto the shardings `abstract_params` carries."""
   folder = step_folder(path)
+  from qtx import parallel
+  mesh = parallel.mesh_of(abstract_params)
+  step_sharding = (parallel.replicated(mesh) if mesh is not None
+                   else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   item = {"params": abstract_params,
-          "step": jax.ShapeDtypeStruct((), jax.numpy.int32,
-                                       sharding=_replicated_like(abstract_params))}
+          "step": jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=step_sharding)}
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   out = ckptr.restore(os.path.join(folder, "state"), args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))
   return out["params"], int(jax.device_get(out["step"]))
 
-
-def _replicated_like(abstract_params):
-  for leaf in jax.tree.leaves(abstract_params):
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, jax.sharding.NamedSharding):
-      return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])

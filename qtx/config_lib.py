@@ -302,6 +302,8 @@ LEGACY_DEFAULTS = {"data.synthetic.omit_prob": 0.0, "data.synthetic.shape_scale"
 # Keys that runs once saved and the schema has since dropped (data.image_size only repeated
 # model.image.image_size); `fill_legacy` removes them.
 LEGACY_REMOVED = ("data.image_size",)
+# quant.keep_float names that once were accepted and never did anything; fill_legacy drops them.
+LEGACY_KEEP_FLOAT = ("gates", "temperature")
 # Keys that moved: the synthetic source's options now live in its own block.
 LEGACY_RENAMED = {"data.omit_prob": "data.synthetic.omit_prob",
                   "data.shape_scale": "data.synthetic.shape_scale",
@@ -340,6 +342,12 @@ def fill_legacy(config: dict) -> dict:
     node = _node(config, parents, create=True)
     if name not in node:
       node[name] = value
+  # quant.keep_float once listed 'gates' and 'temperature', which were always float anyway
+  quant = _node(config, ("quant",), create=False)
+  if quant is not None and isinstance(quant.get("keep_float"), str):
+    names = [n.strip() for n in quant["keep_float"].split(",") if n.strip()]
+    if any(n in LEGACY_KEEP_FLOAT for n in names):
+      quant["keep_float"] = ",".join(n for n in names if n not in LEGACY_KEEP_FLOAT)
   # a normalizer added since the run was saved: its keys at their defaults (unused by the run)
   from qtx.nn import normalizers
   for tower in ("image", "text"):

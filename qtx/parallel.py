@@ -112,6 +112,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def mesh_of(tree):
+  """The mesh of the first leaf of `tree` (arrays or ShapeDtypeStructs) that carries a
+  NamedSharding, or None."""
+  for leaf in jax.tree.leaves(tree):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+      return sh.mesh
+  return None
+
+
 def global_batch(local_batch: dict, mesh: Mesh, rules=RULES) -> dict:
   """Host-local numpy batch -> global jax.Array sharded over the batch axes."""
   sharding = batch_sharding(mesh, rules)

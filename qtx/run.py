@@ -165,22 +165,13 @@ def load_params(config, workdir: str, run: Optional[Run] = None):
   return params_from(ckpt_lib.checkpoint_path(config, workdir), run, config.seed)
 
 
-# quant.keep_float once listed 'gates' and 'temperature', which were always float anyway
-LEGACY_KEEP_FLOAT = ("gates", "temperature")
-
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json of a run qtx wrote, with the keys it predates filled in."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist: {workdir!r} is not a qtx workdir")
   with open(path) as f:
-    config = ml_collections.ConfigDict(config_lib.fill_legacy(json.load(f)))
-  kf = config.get("quant", {}).get("keep_float")
-  names = [n.strip() for n in kf.split(",") if n.strip()] if isinstance(kf, str) else []
-  if any(n in LEGACY_KEEP_FLOAT for n in names):
-    config.quant.keep_float = ",".join(n for n in names if n not in LEGACY_KEEP_FLOAT)
-  return config
+    return ml_collections.ConfigDict(config_lib.fill_legacy(json.load(f)))
 
 
 def load_run(workdir: str, step: int | str | None = None):

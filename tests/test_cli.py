@@ -70,3 +70,17 @@ def test_resumed_run_with_a_changed_config_says_so(tmp_path, capsys):
                         key: value})
     with pytest.raises(ValueError, match=rf"{key} .* changed since the run was started"):
       train_mode.resume_changes(d, str(tmp_path))
+
+
+def test_fill_legacy_migrates_what_old_runs_saved():
+  from qtx import config_lib
+  old = {"quant": {"keep_float": "head,gates, temperature"},
+         "data": {"omit_prob": 0.25, "eval_size": 8, "image_size": 16},
+         "model": {"image": {"attention": {"normalizer": "softmax"}}}}
+  new = config_lib.fill_legacy(old)
+  assert new["quant"]["keep_float"] == "head"  # names that never did anything are dropped
+  assert new["data"]["synthetic"] == {"omit_prob": 0.25, "eval_size": 8, "shape_scale": 1.0}
+  assert "image_size" not in new["data"] and "omit_prob" not in new["data"]
+  assert new["model"]["image"]["attention"]["sink_init"] == 0.0  # a normalizer added later
+  kept = config_lib.fill_legacy({"quant": {"keep_float": "head, weights"}})
+  assert kept["quant"]["keep_float"] == "head, weights"  # nothing legacy: left as written

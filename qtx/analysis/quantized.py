@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from qtx import evaluate
+from qtx import evaluate, parallel
 from qtx import run as run_lib
 from qtx.nn.clip import CLIP
 from qtx.quant.layers import QUANT_STATS, QuantConfig
@@ -57,11 +57,8 @@ def make_calibrate_step(model: CLIP) -> Callable:
 def _replicate_like(tree, params):
   """tree replicated over the mesh of params (when params carry a NamedSharding), i.e. placed as
   the jitted step returns it, so the second step does not compile again."""
-  for leaf in jax.tree.leaves(params):
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, jax.sharding.NamedSharding):
-      return jax.device_put(tree, jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec()))
-  return tree
+  mesh = parallel.mesh_of(params)
+  return tree if mesh is None else jax.device_put(tree, parallel.replicated(mesh))
 
 
 def calibrate(model: CLIP, params, stats, batches: Iterable[Mapping[str, Any]]):
