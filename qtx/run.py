@@ -28,8 +28,10 @@ from qtx import config_lib, losses, optim, parallel
 from qtx.nn import clip
 from qtx.nn.clip import CLIP
 from qtx.quant.layers import QuantConfig
+from qtx.weights.files import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# files init_from reads as a PyTorch / safetensors CLIP state_dict (qtx.weights)
+WEIGHT_FILE_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
 
 
 @flax.struct.dataclass
@@ -147,7 +149,7 @@ def params_from(path: str, run: Run, seed: int):
   checkpoint (a workdir, its checkpoints/ folder or one step folder) or a PyTorch / safetensors
   CLIP state_dict (imported into freshly initialised parameters, which supply what the
   state_dict lacks, e.g. gates)."""
-  if os.path.isfile(path) and path.endswith(TORCH_SUFFIXES):
+  if os.path.isfile(path) and path.endswith(WEIGHT_FILE_SUFFIXES):
     from qtx import weights
     params = weights.load_into(path, jax.device_get(init_params(run, seed)), run.config)
     return jax.device_put(params, run.params_sharding), 0
