@@ -53,7 +53,7 @@ def attention_config(normalizer: str = "softmax") -> ml_collections.ConfigDict:
   """Attention block of one tower: normalizer (a name of qtx.nn.normalizers), every registered
   normalizer's parameters with their defaults (each normalizer module declares its own: e.g.
   clipped_softmax gamma/alpha/zeta/gamma_warmup_steps, softplus softplus_p/softplus_eps),
-  gate (none | linear | mlp | all_heads_linear) with gate_hidden and gate_pi_init, and impl
+  gate (none | linear | mlp | all_heads_linear | elementwise) with gate_hidden and gate_pi_init, and impl
   (xla | pallas)."""
   from qtx.nn import attention, normalizers
   c = ml_collections.ConfigDict()
@@ -87,6 +87,8 @@ def tower_config(**kw) -> ml_collections.ConfigDict:
   c.mlp_dim = kw.pop("mlp_dim")
   c.activation = kw.pop("activation", "gelu_tanh")  # gelu_tanh | gelu (open_clip) | quick_gelu
   c.attention = attention_config()
+  if "image_size" in kw:  # image tower: learned register tokens (Darcet et al. 2023), 0 = none
+    c.registers = kw.pop("registers", 0)
   for k, v in kw.items():
     c[k] = v
   return c
@@ -142,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.grad_clip = 1.0
+  c.train.optimizer = "adamw"  # adamw | muon (Muon on the blocks' weight matrices; qtx.optim)
   c.train.log_every = 10
   c.train.microbatches = 1
 
@@ -290,7 +293,8 @@ def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # key existed (data.synthetic.omit_prob: such runs trained on full captions). `fill_legacy` adds
 # them to a saved config (run.load_config and train mode's resume check read config.json
 # through it).
-LEGACY_DEFAULTS = {"data.synthetic.omit_prob": 0.0, "data.synthetic.shape_scale": 1.0,
+LEGACY_DEFAULTS = {"train.optimizer": "adamw", "model.image.registers": 0,
+                   "data.synthetic.omit_prob": 0.0, "data.synthetic.shape_scale": 1.0,
                    "data.eval_path": "",
                    "data.augment": "none", "data.augment_scale": (0.9, 1.0),
                    "data.allow_synthetic": True, "data.preset": "",
@@ -397,6 +401,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"train.microbatches {c.train.microbatches}")
   if c.train.lr <= 0 or not c.train.lr < float("inf"):
     raise ValueError(f"train.lr must be a positive finite number, got {c.train.lr}")
+  from qtx import optim
+  if c.train.optimizer not in optim.OPTIMIZERS:
+    raise ValueError(f"unknown train.optimizer {c.train.optimizer!r}; choose one of "
+                     f"{optim.OPTIMIZERS}")
   if not 0.0 <= c.train.end_lr_fraction <= 1.0:
     raise ValueError(f"train.end_lr_fraction must be in [0, 1], got {c.train.end_lr_fraction}")
   try:

@@ -49,7 +49,7 @@ def clip_forward_flops(config) -> float:
   m = config.model
   im, tx = m.image, m.text
   n_patches = (im.image_size // im.patch_size) ** 2
-  T_img = n_patches + 1
+  T_img = n_patches + 1 + im.get("registers", 0)
   f = 2 * n_patches * im.patch_size ** 2 * im.channels * im.width  # patch embedding
   f += encoder_flops(T_img, im.width, im.depth, im.mlp_dim)
   f += 2 * im.width * m.embed_dim

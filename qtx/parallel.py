@@ -104,8 +104,11 @@ def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=RULES):
-  """Pytree of logical PartitionSpecs -> pytree of NamedShardings."""
-  return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
+  """Pytree of logical PartitionSpecs -> pytree of NamedShardings. Only PartitionSpec leaves are
+  converted, so empty tuple-like nodes (optax's MaskedNode in a partitioned optimizer state)
+  keep their place in the tree."""
+  return jax.tree.map(lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules), logical_tree,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,7 +1,7 @@
 """The attention module against a numpy re-statement of the formulas (PAPERS.md sections 1, 3):
 per-row key counts N_i (i + 1 in a causal tower), clipped softmax's gamma = -alpha / N_i,
-softplus attention's q/k L2 normalisation, log(d) log(N_i) scale and re-weighting, and the three
-per-head gates, on random non-zero inputs where each of them changes the output."""
+softplus attention's q/k L2 normalisation, log(d) log(N_i) scale and re-weighting, the three
+per-head gates and the per-channel (elementwise) gate, on random non-zero inputs where each of them changes the output."""
 import math
 
 import flax.linen as nn
@@ -35,7 +35,9 @@ def _np_norm(s, allowed, cfg):
 
 
 def _np_gate(x, p, kind):
-  x = x.reshape(B, T, H, K) if kind != "all_heads_linear" else x
+  x = x.reshape(B, T, H, K) if kind in ("linear", "mlp") else x
+  if kind == "elementwise":  # Qiu et al. 2025: sigmoid(x W + b), one value per channel
+    return (1 / (1 + np.exp(-(x @ p["kernel"] + p["bias"])))).reshape(B, T, H, K)
   if kind == "linear":
     logits = np.einsum("bthk,hk->bth", x, p["kernel"]) + p["bias"]
   elif kind == "mlp":
@@ -63,9 +65,16 @@ def np_attention(x, params, cfg, causal):
   else:
     scale = 1 / math.sqrt(K)
   s = q @ k.transpose(0, 1, 3, 2) * scale
-  ctx = (_np_norm(s, allowed, cfg) @ v).transpose(0, 2, 1, 3)  # B x T x H x K
+  if cfg.normalizer == "softmax_sink":  # exp(s_ij) / (exp(b_h) + sum_k exp(s_ik))
+    b = p["sink"][None, :, None, None]
+    e = np.where(allowed, np.exp(s), 0)
+    probs = e / (np.exp(b) + e.sum(-1, keepdims=True))
+  else:
+    probs = _np_norm(s, allowed, cfg)
+  ctx = (probs @ v).transpose(0, 2, 1, 3)  # B x T x H x K
   if cfg.gate != "none":
-    ctx = ctx * _np_gate(x, p["gate"], cfg.gate)[..., None]
+    g = _np_gate(x, p["gate"], cfg.gate)
+    ctx = ctx * (g if g.ndim == 4 else g[..., None])
   return ctx.reshape(B, T, D) @ p["out"]["kernel"] + p["out"]["bias"]
 
 
@@ -79,6 +88,9 @@ CASES = {
     "gate_linear": AttentionConfig(gate="linear", gate_pi_init=0.25),
     "gate_mlp": AttentionConfig(gate="mlp", gate_hidden=3),
     "gate_all_heads": AttentionConfig(gate="all_heads_linear"),
+    "gate_elementwise": AttentionConfig(gate="elementwise", gate_pi_init=0.3),
+    "sink_elementwise": AttentionConfig(normalizer="softmax_sink", sink_init=0.5,
+                                        gate="elementwise"),
     "clipped_alpha_gated": AttentionConfig(normalizer="clipped_softmax", alpha=1.0, gate="linear"),
 }
 

@@ -115,7 +115,7 @@ def test_text_pooling_reads_the_eot_position_only():
   assert not np.allclose(m.apply(v, t3, method=m.encode_text)[0], zt[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp", "all_heads_linear"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "all_heads_linear", "elementwise"])
 @pytest.mark.parametrize("pi_init", [0.5, 0.25])
 def test_gate_initial_value_equals_pi_init(kind, pi_init):
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
@@ -124,11 +124,12 @@ def test_gate_initial_value_equals_pi_init(kind, pi_init):
   np.testing.assert_allclose(jax.nn.sigmoid(v["params"]["bias"]), pi_init, rtol=1e-6)
   # with zero input, the gate equals pi_init exactly (up to float rounding)
   g = gate.apply(v, jnp.zeros_like(x))
-  chex.assert_shape(g, (2, 5, 4))
+  chex.assert_shape(g, (2, 5, 4, 4) if kind == "elementwise" else (2, 5, 4))
   np.testing.assert_allclose(g, pi_init, rtol=1e-6)
   shapes = jax.tree.map(jnp.shape, v["params"])
   expected = {"linear": {"kernel": (4, 4), "bias": (4,)},
               "all_heads_linear": {"kernel": (16, 4), "bias": (4,)},
+              "elementwise": {"kernel": (16, 16), "bias": (16,)},
               "mlp": {"hidden_kernel": (4, 4, 3), "hidden_bias": (4, 3), "kernel": (4, 3),
                       "bias": (4,)}}[kind]
   assert dict(shapes) == expected

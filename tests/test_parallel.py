@@ -83,11 +83,14 @@ def test_sharded_loss_and_grads_equal_single_device(preset, shape, rules):
     assert tuple(qk) == ("fsdp", "tensor")
 
 
-def test_train_steps_equal_on_mesh_and_single_device():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_steps_equal_on_mesh_and_single_device(optimizer):
+  """Muon orthogonalises matrices that FSDP and the tensor axis shard: same steps as 1 device."""
   losses = {}
   for key, shape, n in (("1", {"data": 1, "fsdp": 1, "tensor": 1}, 1),
                         ("8", {"data": 2, "fsdp": 2, "tensor": 2}, 0)):
     c = micro_config("gated")
+    c.train.optimizer = optimizer
     c.mesh.shape, c.mesh.num_devices = shape, n
     s = run_lib.build(c, train=True)
     state = run_lib.init_state(s, 0)
@@ -105,6 +108,33 @@ def test_train_steps_equal_on_mesh_and_single_device():
     # rounding noise, which Adam normalises up to ~lr per step: compare it at that scale.
     atol = 3 * 3 * c.train.lr if "'key']['bias'" in name else 1e-5
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
+
+
+def test_b16_muon_state_is_sharded_like_the_parameters():
+  """Muon's momentum (hidden matrices) and AdamW's moments (the rest) under FSDP over 8."""
+  from qtx import optim
+  c = config_lib.b16_config()
+  c.data.allow_synthetic = True
+  c.train.optimizer = "muon"
+  c.mesh.shape = {"data": 1, "fsdp": 8, "tensor": 1}
+  s = run_lib.build(c, train=True)
+  params = jax.tree_util.tree_flatten_with_path(s.abstract_state.params)[0]
+  labels = dict((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(
+      optim.param_labels(s.abstract_state.params))[0])
+  specs = {jax.tree_util.keystr(p): (x.shape, x.sharding.spec) for p, x in params}
+  found = {"muon": 0, "adamw": 0}
+  for path, x in jax.tree_util.tree_flatten_with_path(s.abstract_state.opt_state)[0]:
+    key = jax.tree_util.keystr(path)
+    if ".mu" not in key and ".nu" not in key:
+      continue
+    name = next(n for n in specs if key.endswith(n))
+    assert (x.shape, x.sharding.spec) == specs[name], key
+    group = "muon" if "'muon'" in key else "adamw"
+    assert labels[name] == group, key
+    found[group] += 1
+  n_muon = sum(v == "muon" for v in labels.values())
+  assert n_muon == 6 * 24  # q, k, v, out, fc1, fc2 of the 12 + 12 blocks
+  assert found == {"muon": n_muon, "adamw": 2 * (len(params) - n_muon)}, found
 
 
 def test_b16_fsdp_shards_every_large_parameter_without_allocating():

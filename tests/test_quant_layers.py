@@ -424,7 +424,7 @@ def test_gated_context_is_quantized_after_the_gate():
   distinct values (quantizing before the float gate left it a float tensor)."""
   from qtx.nn.attention import AttentionConfig, MultiHeadAttention
   x = jax.random.normal(jax.random.key(0), (4, 12, 16))
-  for gate in ("linear", "mlp", "all_heads_linear"):
+  for gate in ("linear", "mlp", "all_heads_linear", "elementwise"):
     mha = MultiHeadAttention(4, AttentionConfig(gate=gate), quant=W8A8)
     v = nn.meta.unbox(mha.init(jax.random.key(1), x))
     _, upd = mha.apply(v, x, mutable=[QUANT_STATS])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from qtx.nn import normalizers
 from qtx.quant.layers import ActQuant, QDense, QuantConfig
 
-GATES = ("none", "linear", "mlp", "all_heads_linear")
+GATES = ("none", "linear", "mlp", "all_heads_linear", "elementwise")
 IMPLS = ("xla", "pallas")
 
 
@@ -100,11 +100,18 @@ class AttentionConfig:
 
 
 class HeadGate(nn.Module):
-  """Per-head, per-token sigmoid gate from the attention input (Bondarenko et al. eqs. 5-7).
+  """Sigmoid gate of the attention output, computed from the attention input x.
 
-  linear: head i's gate is a linear map of the i-th d_head slice of x (d_head -> 1);
-  mlp: d_head -> hidden -> ReLU -> 1 per head; all_heads_linear: d_model -> n_heads.
-  The output bias starts at logit(pi_init) so the initial gate is pi_init. Returns B x T x H.
+  Per head and token (Bondarenko et al. 2023, eqs. 5-7), returning B x T x H:
+    linear: head i's gate is a linear map of the i-th d_head slice of x (d_head -> 1);
+    mlp: d_head -> hidden -> ReLU -> 1 per head; all_heads_linear: d_model -> n_heads.
+  Per channel (Qiu et al. 2025, "Gated Attention for Large Language Models", the G1 position:
+  after scaled dot-product attention, elementwise, head-specific, multiplicative sigmoid),
+  returning B x T x H x K:
+    elementwise: Y' = Y * sigmoid(x W + b), W of shape d_model x (H * K), one gate value per
+    channel of the concatenated heads.
+  The output bias starts at logit(pi_init) so the initial gate is pi_init (with pi_init = 0.5
+  the bias is 0, Qiu et al.'s bias-free gate at initialisation).
   """
   kind: str
   num_heads: int
@@ -123,6 +130,12 @@ class HeadGate(nn.Module):
           nn.initializers.lecun_normal(), ("embed", "heads")), (D, H))
       b = self.param("bias", nn.with_logical_partitioning(bias_init, ("heads",)), (H,))
       logits = x @ w + b
+    elif self.kind == "elementwise":
+      K = D // H
+      w = self.param("kernel", nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("embed", "heads")), (D, H * K))
+      b = self.param("bias", nn.with_logical_partitioning(bias_init, ("heads",)), (H * K,))
+      logits = (x @ w + b).reshape(B, T, H, K)
     else:
       K = D // H
       x_BxTxHxK = x.reshape(B, T, H, K)
@@ -232,8 +245,9 @@ class MultiHeadAttention(nn.Module):
     if cfg.gate != "none":
       # The gate is computed and applied in float; the gated context is what enters the
       # output projection, so it is the tensor quantized (Bondarenko et al. 2023, sec. 4.2).
-      gate_BxTxH = HeadGate(cfg.gate, H, cfg.gate_hidden, cfg.gate_pi_init, name="gate")(x_BxTxD)
-      ctx_BxTxHxK = ctx_BxTxHxK * gate_BxTxH[..., None].astype(ctx_BxTxHxK.dtype)
+      gate = HeadGate(cfg.gate, H, cfg.gate_hidden, cfg.gate_pi_init, name="gate")(x_BxTxD)
+      gate_BxTxHx1_or_K = gate if gate.ndim == 4 else gate[..., None]
+      ctx_BxTxHxK = ctx_BxTxHxK * gate_BxTxHx1_or_K.astype(ctx_BxTxHxK.dtype)
     ctx_BxTxHxK = ActQuant(cfg=self.quant, point="attn_context", name="context_quant")(
         ctx_BxTxHxK, None if valid_BxT is None else valid_BxT[:, :, None, None])
     ctx_BxTxD = nn.with_logical_constraint(ctx_BxTxHxK.reshape(B, T, D),

@@ -58,7 +58,7 @@ class CLIP(nn.Module):
 
 
 IMAGE_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "channels",
-              "ln_pre", "activation")
+              "ln_pre", "activation", "registers")
 TEXT_KEYS = ("vocab_size", "context_length", "width", "depth", "heads", "mlp_dim", "activation")
 
 
@@ -91,6 +91,9 @@ def check_model_config(m) -> None:
                        f"{tuple(ACTIVATIONS)}")
     if t.width % t.heads:
       raise ValueError(f"model.{tower}: width {t.width} is not divisible by heads {t.heads}")
+  registers = m.image.get("registers", 0)
+  if not isinstance(registers, int) or isinstance(registers, bool) or registers < 0:
+    raise ValueError(f"model.image.registers must be an integer >= 0, got {registers!r}")
   if m.image.image_size % m.image.patch_size:
     raise ValueError(f"model.image.image_size {m.image.image_size} is not a multiple of "
                      f"patch_size {m.image.patch_size}")

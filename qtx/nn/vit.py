@@ -1,4 +1,11 @@
-"""Image tower: patch embedding, class token, learned positions, optional ln_pre, pre-LN blocks.
+"""Image tower: patch embedding, class token, learned positions, optional register tokens,
+optional ln_pre, pre-LN blocks.
+
+Registers (Darcet et al. 2023, "Vision Transformers Need Registers"): `registers` = N learned
+tokens r_1..r_N (no positional embedding) appended after the class and patch tokens,
+    x = [cls + p_0; patch_1 + p_1; ...; patch_P + p_P; r_1; ...; r_N],
+attended like any other token and dropped at the output (the class token is pooled), so they
+give the heads somewhere other than background patches to put attention that changes nothing.
 
 Images arrive as uint8 (B, H, W, C) and are normalised on device with the CLIP mean/std.
 The patch embedding is a linear map of flattened P x P x C patches (identical to a stride-P
@@ -46,6 +53,7 @@ class VisionTower(nn.Module):
   embed_dim: int
   channels: int = 3
   ln_pre: bool = True
+  registers: int = 0
   attention: AttentionConfig = AttentionConfig()
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
@@ -77,6 +85,13 @@ class VisionTower(nn.Module):
         nn.initializers.normal(scale), ("length", "embed")), (T, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (B, 1, self.width)), x], axis=1)
     x = x + pos.astype(x.dtype)
+    if self.registers < 0:
+      raise ValueError(f"registers must be >= 0, got {self.registers}")
+    if self.registers:
+      reg = self.param("registers", nn.with_logical_partitioning(
+          nn.initializers.normal(scale), ("length", "embed")), (self.registers, self.width))
+      x = jnp.concatenate([x, jnp.broadcast_to(reg.astype(x.dtype),
+                                               (B, self.registers, self.width))], axis=1)
     x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x)
     if self.ln_pre:
       x = layer_norm(self.quant, self.dtype, "ln_pre")(x)

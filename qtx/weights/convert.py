@@ -273,8 +273,8 @@ def init_gates(flat: dict, config, mode: str) -> None:
 def merge_into_template(converted: Mapping, template: Mapping, config,
                         gate_init: str = "preserve", source: str = "checkpoint") -> dict:
   """Checkpoint params placed into the model's param tree: every shape checked, params the
-  checkpoint lacks (gates, logit_bias, attention sink logits) kept from `template` (then gates
-  set by `gate_init`)."""
+  checkpoint lacks (gates, logit_bias, attention sink logits, register tokens) kept from
+  `template` (then gates set by `gate_init`)."""
   if gate_init not in GATE_INIT_MODES:
     raise ValueError(f"unknown gate_init {gate_init!r}; choose one of {GATE_INIT_MODES}")
   flat_c = _flatten(converted)
@@ -289,9 +289,14 @@ def merge_into_template(converted: Mapping, template: Mapping, config,
     logging.warning("%s has no attention sink logits: the %d sink parameter(s) keep their "
                     "initial value (attention.sink_init), which moves the imported model away "
                     "from the checkpoint's function", source, len(sinks))
+  registers = [p for p in flat_t if p not in flat_c and p[-1] == "registers"]
+  if registers:
+    logging.warning("%s has no register tokens: model.image.registers keeps its freshly "
+                    "initialised tokens, which moves the imported model away from the "
+                    "checkpoint's function until they are trained", source)
   missing = sorted(_name(p) for p in flat_t
                    if p not in flat_c and not _is_gate(p) and p != ("logit_bias",)
-                   and p not in sinks)
+                   and p not in sinks and p not in registers)
   mismatched = sorted(f"{_name(p)}: checkpoint {tuple(np.shape(v))} vs model "
                       f"{tuple(np.shape(flat_t[p]))}"
                       for p, v in flat_c.items() if p in flat_t
