@@ -10,7 +10,13 @@ import ml_collections
 
 from qtx.data import registry
 
-NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus", "softmax_sink")
+# Remedy presets (`set_normalizer`, the config words, the sweep's rows): the attention
+# normalizer and gate of both towers, or one other remedy on top of softmax.
+NORMALIZER_PRESETS = ("softmax", "clipped_softmax", "gated", "softplus", "softmax_sink",
+                      "gated_mlp", "gated_all_heads", "gated_elementwise", "registers", "muon")
+PRESET_GATES = {"gated": "linear", "gated_mlp": "mlp", "gated_all_heads": "all_heads_linear",
+                "gated_elementwise": "elementwise"}
+PRESET_REGISTERS = 4  # the 'registers' preset (Darcet et al. 2023 use 4 at ViT-B scale)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -169,6 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.calib_batches = 16
   c.quant.outliers_every_steps = 0  # 0 = off during training
   c.quant.ablate = False  # ptq mode: also evaluate with one quantizer class at a time in float
+  # ptq mode: also evaluate these named settings (qtx.analysis.quantized.SETTINGS), comma-
+  # separated, e.g. "w8a8_token,w4a8"; metrics ptq/<setting>_<metric>
+  c.quant.settings = ""
 
   c.sweep = ml_collections.ConfigDict()  # sweep mode (qtx.modes.sweep)
   c.sweep.normalizers = ",".join(NORMALIZER_PRESETS)  # comma-separated normalizer presets
@@ -178,16 +187,23 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_normalizer(c: ml_collections.ConfigDict, preset: str) -> None:
-  """Apply a normalizer preset to both towers (gamma from alpha per tower)."""
+  """Apply a remedy preset: the normalizer and gate of both towers (clipped_softmax: alpha = 1,
+  so gamma = -1/N per tower; gated*: softmax with that gate), or softmax in both towers plus
+  `registers` (model.image.registers = 4) or `muon` (train.optimizer = muon). A preset sets only
+  what it is about: the registers and the optimizer keep their values under the other presets."""
   if preset not in NORMALIZER_PRESETS:
     raise ValueError(f"unknown normalizer preset {preset!r}; choose one of {NORMALIZER_PRESETS}")
+  if preset == "registers":
+    c.model.image.registers = PRESET_REGISTERS
+  if preset == "muon":
+    c.train.optimizer = "muon"
   for tower in (c.model.image, c.model.text):
     a = tower.attention
-    if preset == "gated":
+    if preset in PRESET_GATES:
       a.normalizer = "softmax"
-      a.gate = "linear"
+      a.gate = PRESET_GATES[preset]
     else:
-      a.normalizer = preset
+      a.normalizer = "softmax" if preset in ("registers", "muon") else preset
       a.gate = "none"
     if preset == "clipped_softmax":
       a.alpha = 1.0
@@ -230,8 +246,8 @@ def tiny_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def config_words(arg: str | None) -> tuple[str, bool]:
   """(normalizer preset, runlocal) from a config argument of comma-separated words, as in
-  'configs/clip_b16.py:gated,runlocal' (big_vision style): at most one normalizer preset
-  (softmax | clipped_softmax | gated | softplus | softmax_sink) and/or 'runlocal'."""
+  'configs/clip_b16.py:gated,runlocal' (big_vision style): at most one remedy preset
+  (NORMALIZER_PRESETS) and/or 'runlocal'."""
   words = [w.strip() for w in (arg or "").split(",") if w.strip()]
   presets = [w for w in words if w in NORMALIZER_PRESETS]
   unknown = [w for w in words if w not in NORMALIZER_PRESETS and w != "runlocal"]
@@ -294,6 +310,7 @@ def b32_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # them to a saved config (run.load_config and train mode's resume check read config.json
 # through it).
 LEGACY_DEFAULTS = {"train.optimizer": "adamw", "model.image.registers": 0,
+                   "quant.settings": "",
                    "data.synthetic.omit_prob": 0.0, "data.synthetic.shape_scale": 1.0,
                    "data.eval_path": "",
                    "data.augment": "none", "data.augment_scale": (0.9, 1.0),
@@ -411,3 +428,5 @@ def validate(c: ml_collections.ConfigDict) -> None:
     QuantConfig.from_config(c.quant)
   except (ValueError, TypeError) as e:
     raise ValueError(f"quant: {e}") from None
+  from qtx.quant import settings as quant_settings
+  quant_settings.setting_names(c.quant.get("settings", ""))

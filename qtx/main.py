@@ -10,11 +10,12 @@ Modes (--config.mode=...):
 
 Presets: configs/clip_tiny.py (CPU, embedded data), configs/clip_b16.py and configs/clip_b32.py
 (OpenAI ViT-B/16 and B/32 for accelerators; they refuse the embedded data unless 'runlocal').
-Config words after ':' (comma-separated): a normalizer preset for both towers, softmax |
-clipped_softmax | gated | softplus | softmax_sink, and/or runlocal
-(configs/clip_b16.py:gated,runlocal).
+Config words after ':' (comma-separated): a remedy preset for both towers, softmax |
+clipped_softmax | gated | softplus | softmax_sink | gated_mlp | gated_all_heads |
+gated_elementwise | registers | muon, and/or runlocal (configs/clip_b16.py:gated,runlocal).
 
 Main config fields: model.{image,text}.attention.{normalizer,gamma,alpha,gate,impl},
+model.image.registers, train.optimizer (adamw|muon),
 loss.name (clip|siglip|infoloob), data.name, data.path, train.{batch_size,total_steps,lr},
 eval.every_steps, checkpoint.{every_steps,keep}, mesh.shape, quant.*.
 --print_config prints the resolved config (preset + overrides) and exits; --verbose shows the

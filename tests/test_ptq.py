@@ -104,6 +104,30 @@ def test_run_ptq_end_to_end_with_ablation(run, tmp_path, capsys):
     _assert_png(os.path.join(workdir, "figures", f))
 
 
+def test_named_settings_equal_runs_with_their_fields(run, tmp_path):
+  """quant.settings=w8a8_token,w4a8 adds ptq/<name>_* metrics equal to PTQ runs whose quant
+  block sets the same fields, calibrated on the same batches; the float attention mass is
+  written alongside the outliers."""
+  c, ckpt_dir, _, _ = run
+  out = ptq_mode.run(_config(init_from=ckpt_dir, **{"quant.settings": "w8a8_token,w4a8"}),
+                     str(tmp_path / "named"))
+  token = ptq_mode.run(_config(init_from=ckpt_dir, **{"quant.act_granularity": "per_token"}),
+                       str(tmp_path / "token"))
+  w4 = ptq_mode.run(_config(init_from=ckpt_dir, **{"quant.weight_bits": 4,
+                                                   "quant.weight_granularity": "per_channel"}),
+                    str(tmp_path / "w4"))
+  for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    assert out[f"ptq/w8a8_token_{k}"] == token[f"ptq/w8a8_{k}"], k
+    assert out[f"ptq/w4a8_{k}"] == w4[f"ptq/w4a8_{k}"], k
+  for k in ("attn/image/null_mass", "attn/image/first_key_mass", "attn/text/top_key_mass",
+            "attn/image/background_mass"):
+    assert np.isfinite(out[k]), k
+  assert abs(out["attn/image/null_mass"]) < 1e-6  # softmax rows sum to 1
+  with pytest.raises(ValueError, match="quant.settings: unknown setting"):
+    from qtx import config_lib
+    config_lib.validate(_config(**{"quant.settings": "w8a8,w3a3"}))
+
+
 @pytest.fixture(scope="module")
 def calibrated(run):
   """W8A8 model of `run` calibrated on 2 training batches; a third batch is held out."""

@@ -45,21 +45,52 @@ def test_run_config_applies_the_preset_and_keeps_other_overrides():
 
 def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   out = tmp_path / "table.md"
-  c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax", "sweep.seeds": "0",
-                      "sweep.out": str(out), "train.total_steps": 2, "quant.calib_batches": 1,
-                      "quant.outliers_every_steps": 0})
+  c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax,registers",
+                      "sweep.seeds": "0", "sweep.out": str(out), "train.total_steps": 4,
+                      "quant.calib_batches": 1, "quant.outliers_every_steps": 0,
+                      "quant.settings": "w8a8_token"})
   res = modes.run(c, str(tmp_path / "sw"))
   run_dir = tmp_path / "sw" / "softmax" / "seed0"
   done = json.load(open(run_dir / "done.json"))
   assert res["softmax"] == [done]
-  assert "ptq/w8a8_zeroshot_top1" in done and "eval/zeroshot_top1" in done
+  for k in ("ptq/w8a8_zeroshot_top1", "ptq/w8a8_token_zeroshot_top1", "eval/zeroshot_top1",
+            "attn/image/null_mass"):
+    assert k in done, k
+  assert "attn/image/register_mass" in res["registers"][0]
+  # the registers row trained with model.image.registers = 4
+  saved = json.load(open(tmp_path / "sw" / "registers" / "seed0" / "config.json"))
+  assert saved["model"]["image"]["registers"] == 4
   text = out.read_text()
-  assert "| softmax | 1 |" in text
+  assert "| softmax | 1 |" in text and "| registers | 1 |" in text
+  assert "W8A8_TOKEN zero-shot top-1 (%)" in text and "image mass on registers" in text
+  mech = text.split("### Mechanism")[1].split("### Cost")[0]
+  softmax_row = next(line for line in mech.splitlines() if line.startswith("| softmax |"))
+  assert softmax_row.endswith("| 1 |")  # its own step time relative to itself
+  assert (tmp_path / "table.png").exists()
   # a second call reads done.json: no new metrics rows are written
   n_rows = len(open(run_dir / "metrics.jsonl").read().splitlines())
   assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]
   assert len(open(run_dir / "metrics.jsonl").read().splitlines()) == n_rows
   assert os.path.exists(run_dir / "ptq" / "metrics.jsonl")
+
+
+def test_step_time_is_relative_to_the_softmax_row():
+  key = "train/samples_per_sec_steady"
+  res = {"softmax": [{key: 100.0}, {key: 300.0}], "muon": [{key: 100.0}], "gated": [{}]}
+  out = sweep.with_step_time(res)
+  assert [r[sweep.STEP_TIME] for r in out["softmax"]] == [2.0, 200.0 / 300.0]
+  assert out["muon"][0][sweep.STEP_TIME] == 2.0 and sweep.STEP_TIME not in out["gated"][0]
+  assert sweep.STEP_TIME not in res["softmax"][0]  # the results themselves are not changed
+  # no baseline yet: nothing added
+  assert sweep.STEP_TIME not in sweep.with_step_time({"gated": [{key: 1.0}]})["gated"][0]
+
+
+def test_quality_columns_follow_quant_settings():
+  c = micro_config(**{"quant.settings": "w8a8_token,w4a8"})
+  keys = [k for k, *_ in sweep.quality_columns(c)]
+  assert keys == ["eval/zeroshot_top1", "ptq/w8a8_zeroshot_top1", "ptq/w8a8_token_zeroshot_top1",
+                  "ptq/w4a8_zeroshot_top1", "eval/i2t_r1", "ptq/w8a8_i2t_r1",
+                  "ptq/w8a8_token_i2t_r1", "ptq/w4a8_i2t_r1"]
 
 
 def test_override_parses_literals_and_names_unknown_keys():

@@ -281,6 +281,43 @@ def save_ptq_figures(model: CLIP, params, task, metrics: Mapping[str, Any], outd
   return paths
 
 
+def plot_remedies(results: Mapping[str, Sequence[Mapping[str, float]]],
+                  quality: Sequence[tuple[str, str, float]], path: str) -> str:
+  """The sweep's figure: zero-shot top-1 per remedy, float and each quantized setting (mean and
+  std over seeds), and the max inf-norm of each tower. Returns path."""
+  names = list(results)
+  zs = [c for c in quality if c[0].endswith("zeroshot_top1")]
+  fig = _new_figure(max(7.0, 1.1 * len(names) + 2), 6.5)
+  ax1, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+  x = np.arange(len(names))
+
+  def stats(key, mult):
+    vals = [np.asarray([r[key] for r in results[n] if key in r], np.float64) * mult
+            for n in names]
+    mean = [v.mean() if len(v) else np.nan for v in vals]
+    std = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+    return np.asarray(mean), np.asarray(std)
+
+  w = 0.8 / max(len(zs), 1)
+  for i, (key, label, mult) in enumerate(zs):
+    m, e = stats(key, mult)
+    ax1.bar(x + (i - (len(zs) - 1) / 2) * w, m, w, yerr=e, capsize=2,
+            label=label.replace(" zero-shot top-1 (%)", ""))
+  ax1.set_ylabel("zero-shot top-1 (%)")
+  ax1.set_xticks(x, names, rotation=20, fontsize=8)
+  ax1.legend(fontsize=7, ncol=len(zs))
+  for i, tower in enumerate(("image", "text")):
+    m, e = stats(f"outliers/{tower}/max_inf_norm", 1.0)
+    ax2.bar(x + (i - 0.5) * 0.4, m, 0.4, yerr=e, capsize=2, label=f"{tower} tower")
+  ax2.set_ylabel("max inf-norm (float model)")
+  ax2.set_xticks(x, names, rotation=20, fontsize=8)
+  ax2.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
+
+
 def main(argv: Sequence[str] | None = None) -> str:
   """python -m qtx.analysis.figures OUT.png WORKDIR [WORKDIR ...] [--names a,b,...]: per-layer
   inf-norm and kurtosis of several runs side by side (compare_outliers)."""

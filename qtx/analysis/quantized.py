@@ -18,6 +18,7 @@ from qtx import evaluate, parallel
 from qtx import run as run_lib
 from qtx.nn.clip import CLIP
 from qtx.quant.layers import QUANT_STATS, QuantConfig
+from qtx.quant.settings import SETTINGS, setting_names  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- config
 

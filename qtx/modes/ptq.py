@@ -13,6 +13,9 @@
    write one metrics row:
      ptq/fp_{zeroshot_top1,i2t_r1,t2i_r1,...}, ptq/w{W}a{A}_{...}   (e.g. ptq/w8a8_zeroshot_top1)
      outliers/...                                   (qtx.analysis.outliers, float model)
+     attn/...      where the heads' attention goes (qtx.analysis.attention_mass, float model)
+     ptq/<setting>_{...}   each named setting of quant.settings (e.g. w8a8_token, w4a8), each
+                           calibrated on the same batches
      ptq/calib_seconds          wall time of the calibration loop (compilation included)
      ptq/calib_step_seconds     median steady calibration step
      ptq/fp_step_seconds        median float forward of the same batches
@@ -38,9 +41,10 @@ from qtx import checkpoint as ckpt_lib
 from qtx import metrics as metrics_lib
 from qtx import parallel
 from qtx import run as run_lib
-from qtx.analysis import outliers
-from qtx.analysis.quantized import (bits_label, calibrate, init_quant_stats, quant_config,
-                                    quantized_metrics, timed_evaluate)
+from qtx.analysis import attention_mass, outliers
+from qtx.analysis.quantized import (SETTINGS, bits_label, calibrate, init_quant_stats,
+                                    quant_config, quantized_metrics, setting_names,
+                                    timed_evaluate)
 from qtx.data import pipeline
 from qtx.nn.clip import CLIP
 from qtx.run import Run, build_model
@@ -131,6 +135,16 @@ def _calibrate_timed(config, s: Run, qmodel: CLIP, params, keep_batches: bool):
       "ptq/calib_overhead": calib_step / fp_step}
 
 
+def _evaluate_setting(config, s: Run, params, name: str, task):
+  """(metrics ptq/<name>_<metric>, eval seconds) of one named setting (quant.settings),
+  calibrated on the same batches as the main one."""
+  qm = build_model(config, quant=quant_config(config, **SETTINGS[name]))
+  stats = init_quant_stats(qm, config, config.seed)
+  if jax.tree.leaves(stats):
+    stats, _ = calibrate(qm, params, stats, iter_calibration_batches(config, s))
+  return quantized_metrics(qm, params, stats, task, config.eval.batch_size, prefix=f"ptq/{name}_")
+
+
 def _report(step, label, qcfg, rows, metrics, num_samples, figure_paths) -> str:
   m = metrics
   title = (f"qtx ptq: step {step} | {label.upper()} ({qcfg.estimator}, weights "
@@ -141,6 +155,11 @@ def _report(step, label, qcfg, rows, metrics, num_samples, figure_paths) -> str:
                f"{m['outliers/image/max_inf_norm']:.2f}, text "
                f"{m['outliers/text/max_inf_norm']:.2f}) | avg kurtosis "
                f"{m['outliers/avg_kurtosis']:.2f}")
+  lines.append("attention mass (float): " + " | ".join(
+      f"{tower} no key {m[f'attn/{tower}/null_mass']:.2f}, first key "
+      f"{m[f'attn/{tower}/first_key_mass']:.2f}, top key {m[f'attn/{tower}/top_key_mass']:.2f}"
+      for tower in ("image", "text")) + f" | image background "
+      f"{m['attn/image/background_mass']:.2f}")
   if "ptq/calib_overhead" in m:
     calib = (f"calibration {m['ptq/calib_seconds']:.1f}s ({m['ptq/calib_step_seconds'] * 1e3:.0f} "
              f"ms/batch, {m['ptq/calib_overhead']:.2f}x float forward)")
@@ -180,8 +199,15 @@ def run(config, workdir: str, ablate: bool | None = None) -> dict:
   metrics.update({**fp, **q, "ptq/fp_eval_seconds": fp_sec, f"ptq/{label}_eval_seconds": q_sec,
                   "ptq/quant_eval_overhead": q_sec / fp_sec})
   metrics.update(outliers.outlier_metrics(s.model, params, task.images, task.tokens, bs))
+  metrics.update(attention_mass.attention_mass_metrics(
+      s.model, params, task.images, task.tokens, bs, config.model.image.patch_size,
+      config.model.image.get("registers", 0)))
 
   rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
+  for name in setting_names(config.quant.get("settings", "")):
+    m, sec = _evaluate_setting(config, s, params, name, task)
+    metrics.update({**m, f"ptq/{name}_eval_seconds": sec})
+    rows[name] = _strip(m, f"ptq/{name}_")
   ablation = None
   if ablate:
     if batches is None:  # nothing was calibrated; the weights entry still needs batches

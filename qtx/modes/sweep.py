@@ -1,13 +1,17 @@
-"""Sweep mode: train the config with each normalizer preset and several seeds, run PTQ on each
-trained model, and write one table (mean +- std over seeds).
+"""Sweep mode: train the config with each remedy preset and several seeds, run PTQ on each
+trained model, and write the result tables (mean +- std over seeds) and a figure.
 
-  python -m qtx.main --config configs/clip_tiny.py --workdir runs/sweep --config.mode=sweep \
-      --config.sweep.normalizers=softmax,clipped_softmax,gated,softplus \
-      --config.sweep.seeds=0,1,2 --config.sweep.out=docs/results_sweep.md
+  python -m qtx.main --config configs/clip_tiny.py --workdir runs/remedies --config.mode=sweep \
+      --config.sweep.normalizers=softmax,clipped_softmax,gated,softplus,softmax_sink,registers \
+      --config.sweep.seeds=0,1,2 --config.quant.settings=w8a8_token,w4a8 \
+      --config.sweep.out=docs/remedies.md
 
-Each row applies its normalizer preset (`config_lib.set_normalizer`: the normalizer, the gate,
-and alpha for clipped softmax, in both towers) to the config; every other key, command-line
-overrides included, is the config's. Every (preset, seed) run lives in WORKDIR/<preset>/seed<k>
+Each row applies its preset (`config_lib.set_normalizer`: the normalizer and gate of both
+towers, alpha for clipped softmax, or registers / Muon on top of softmax) to the config; every
+other key, command-line overrides included, is the config's. The tables: quality (float, the
+config's PTQ setting and each of quant.settings), the mechanism (outliers per tower, where the
+attention goes, qtx.analysis.attention_mass, train step time relative to the softmax row) and
+cost; the figure (next to sweep.out, .png) draws the first two. Every (preset, seed) run lives in WORKDIR/<preset>/seed<k>
 with its own metrics.jsonl; finished runs are reused, so an interrupted sweep continues where it
 stopped.
 """
@@ -32,6 +36,21 @@ COLUMNS = (
     ("outliers/avg_kurtosis", "avg kurtosis", 1.0),
     ("outliers/image/max_inf_norm", "image max inf-norm", 1.0),
     ("outliers/text/max_inf_norm", "text max inf-norm", 1.0),
+)
+
+STEP_TIME = "step_time_vs_softmax"
+MECHANISM = (
+    ("outliers/image/max_inf_norm", "image max inf-norm", 1.0),
+    ("outliers/image/avg_kurtosis", "image avg kurtosis", 1.0),
+    ("outliers/text/max_inf_norm", "text max inf-norm", 1.0),
+    ("outliers/text/avg_kurtosis", "text avg kurtosis", 1.0),
+    ("attn/image/null_mass", "image mass on no key", 1.0),
+    ("attn/image/first_key_mass", "image mass on class token", 1.0),
+    ("attn/image/background_mass", "image mass on background", 1.0),
+    ("attn/image/register_mass", "image mass on registers", 1.0),
+    ("attn/text/null_mass", "text mass on no key", 1.0),
+    ("attn/text/first_key_mass", "text mass on start token", 1.0),
+    ("step_time_vs_softmax", "train step time vs softmax", 1.0),
 )
 
 EXTRA = (
@@ -103,6 +122,30 @@ def run_one(config, preset: str, seed: int, workdir: str) -> dict:
   return result
 
 
+def quality_columns(config) -> tuple:
+  """FP, the config's own PTQ setting and each named setting of quant.settings: zero-shot
+  top-1 and i2t R@1."""
+  from qtx.analysis.quantized import bits_label, quant_config, setting_names
+  main = bits_label(quant_config(config))
+  names = [main] + [n for n in setting_names(config.quant.get("settings", "")) if n != main]
+  cols = [("eval/zeroshot_top1", "FP zero-shot top-1 (%)", 100.0)]
+  cols += [(f"ptq/{n}_zeroshot_top1", f"{n.upper()} zero-shot top-1 (%)", 100.0) for n in names]
+  cols += [("eval/i2t_r1", "FP i2t R@1 (%)", 100.0)]
+  cols += [(f"ptq/{n}_i2t_r1", f"{n.upper()} i2t R@1 (%)", 100.0) for n in names]
+  return tuple(cols)
+
+
+def with_step_time(results: dict[str, list[dict]], baseline: str = "softmax"
+                   ) -> dict[str, list[dict]]:
+  """A copy of results where each run also has its train step time relative to the baseline
+  row's mean (from the steady samples/s); unchanged copies when the baseline has no timing."""
+  key = "train/samples_per_sec_steady"
+  base = [r[key] for r in results.get(baseline, []) if key in r]
+  mean = float(np.mean(base)) if base else None
+  return {name: [{**r, **({STEP_TIME: mean / r[key]} if mean and key in r else {})}
+                 for r in runs] for name, runs in results.items()}
+
+
 def table(results: dict[str, list[dict]], columns=COLUMNS) -> str:
   """Markdown table: one row per preset, mean +- sample std over its seeds, '-' when absent."""
   header = "| normalizer | seeds | " + " | ".join(c[1] for c in columns) + " |"
@@ -129,16 +172,22 @@ def run(config, workdir: str) -> dict:
   pairs = plan(config)
   results: dict[str, list[dict]] = {p: [] for p, _ in pairs}
   cmd = "python -m qtx.main " + " ".join(sys.argv[1:]) if sys.argv[1:] else "(library call)"
+  quality = quality_columns(config)
   t = ""
   for preset, seed in pairs:
     r = run_one(config, preset, seed, os.path.join(workdir, preset, f"seed{seed}"))
     results[preset].append(r)
     print(f"{preset} seed {seed}: " + ", ".join(
-        f"{k}={r[k]:.4g}" for k, *_ in COLUMNS + EXTRA if k in r), flush=True)
-    t = table(results)
+        f"{k}={r[k]:.4g}" for k, *_ in quality + MECHANISM + EXTRA if k in r), flush=True)
+    t = table(results, quality)
     if config.sweep.out:
+      figure = os.path.splitext(config.sweep.out)[0] + ".png"
+      from qtx.analysis import figures
+      figures.plot_remedies(results, quality, figure)
       with open(config.sweep.out, "w") as f:
-        f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column."
-                f"\n\n{t}\n\n{table(results, EXTRA)}\n")
+        f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column; "
+                f"mean ± std over seeds.\n\n### Quality\n\n{t}\n\n### Mechanism\n\n"
+                f"{table(with_step_time(results), MECHANISM)}\n\n### Cost\n\n{table(results, EXTRA)}\n\n"
+                f"![remedies]({os.path.basename(figure)})\n")
   print(t)
   return results

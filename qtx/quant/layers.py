@@ -42,7 +42,7 @@ _ALWAYS_FLOAT = {"gates": "attention gates are always computed in float",
                  "temperature": "the temperature (and SigLIP bias) is never quantized"}
 # Keys of the `quant` config block that belong to drivers (calibration loop, training loop),
 # not to the quantizers themselves.
-DRIVER_KEYS = ("calib_batches", "outliers_every_steps", "ablate")
+DRIVER_KEYS = ("calib_batches", "outliers_every_steps", "ablate", "settings")
 
 
 @dataclasses.dataclass(frozen=True)

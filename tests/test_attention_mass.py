@@ -1,0 +1,95 @@
+"""Attention-mass statistics (qtx.analysis.attention_mass) in closed form: with the query and
+key projections zeroed every score is 0, so a softmax_sink head gives each visible key
+1 / (e^b + N_i) and the sink e^b / (e^b + N_i), N_i the keys row i sees."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import micro_config
+
+from qtx import run as run_lib
+from qtx.analysis import attention_mass as am
+
+
+def _zero_qk(params):
+  def zero(path, x):
+    names = [str(getattr(k, "key", "")) for k in path]
+    return jnp.zeros_like(x) if ("query" in names or "key" in names) else x
+  return jax.tree_util.tree_map_with_path(zero, params)
+
+
+def _images(c, n, plain_patches):
+  """uint8 images: noise everywhere except `plain_patches` (patch indices) of one colour."""
+  rng = np.random.default_rng(0)
+  s, p = c.model.image.image_size, c.model.image.patch_size
+  x = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+  per_row = s // p
+  for j in plain_patches:
+    r, col = divmod(j, per_row)
+    x[:, r * p:(r + 1) * p, col * p:(col + 1) * p] = 77
+  return x
+
+
+@pytest.mark.parametrize("registers", [0, 3])
+def test_mass_statistics_equal_their_closed_form(registers):
+  b = 0.7
+  c = micro_config("softmax_sink", **{"model.image.registers": registers})
+  for t in (c.model.image, c.model.text):
+    t.attention.sink_init = b
+  s = run_lib.build(c)
+  params = _zero_qk(run_lib.init_params(s, 0))
+  plain = [0, 5, 6, 15]
+  images = _images(c, 6, plain)
+  T = c.model.text.context_length
+  rng = np.random.default_rng(1)
+  tokens = np.zeros((6, T), np.int32)
+  lengths = [3, 5, 16, 9, 2, 7]  # tokens up to and including end-of-text (the highest id)
+  for r, L in enumerate(lengths):
+    tokens[r, :L - 1] = rng.integers(1, 1000, L - 1)
+    tokens[r, L - 1] = 49407
+  m = am.attention_mass_metrics(s.model, params, images, tokens, batch_size=4,
+                                patch_size=c.model.image.patch_size, registers=registers)
+  eb = math.exp(b)
+  S = (c.model.image.image_size // c.model.image.patch_size) ** 2 + 1 + registers
+  np.testing.assert_allclose(m["attn/image/null_mass"], eb / (eb + S), rtol=1e-5)
+  np.testing.assert_allclose(m["attn/image/first_key_mass"], 1 / (eb + S), rtol=1e-5)
+  np.testing.assert_allclose(m["attn/image/top_key_mass"], 1 / (eb + S), rtol=1e-5)
+  np.testing.assert_allclose(m["attn/image/background_mass"], len(plain) / (eb + S), rtol=1e-5)
+  if registers:
+    np.testing.assert_allclose(m["attn/image/register_mass"], registers / (eb + S), rtol=1e-5)
+  else:
+    assert "attn/image/register_mass" not in m
+  # text: causal, row i sees i + 1 keys; only rows up to end-of-text count
+  null = first = top = 0.0
+  for L in lengths:
+    n_i = np.arange(1, L + 1, dtype=np.float64)
+    null += np.mean(eb / (eb + n_i))
+    first += np.mean(1 / (eb + n_i))
+    top += np.mean(1 / (eb + n_i))  # key 0 is seen by every row: it has the largest mean
+  np.testing.assert_allclose(m["attn/text/null_mass"], null / 6, rtol=1e-5)
+  np.testing.assert_allclose(m["attn/text/first_key_mass"], first / 6, rtol=1e-5)
+  np.testing.assert_allclose(m["attn/text/top_key_mass"], top / 6, rtol=1e-5)
+
+
+def test_softmax_gives_no_mass_to_no_key_and_finds_a_planted_sink():
+  """Plain softmax rows sum to 1; a key made to dominate every score is the top key."""
+  c = micro_config()
+  s = run_lib.build(c)
+  params = run_lib.init_params(s, 0)
+  images = _images(c, 4, [])
+  tokens = np.tile(np.array([[49406, 5, 6, 49407] + [0] * 12], np.int32), (4, 1))
+  m = am.attention_mass_metrics(s.model, params, images, tokens, 4, c.model.image.patch_size)
+  assert abs(m["attn/image/null_mass"]) < 1e-6 and abs(m["attn/text/null_mass"]) < 1e-6
+  assert m["attn/image/background_mass"] == 0.0  # no plain patch
+  assert 0 < m["attn/image/top_key_mass"] <= 1
+
+
+def test_background_patches():
+  c = micro_config()
+  x = _images(c, 2, [1, 2])
+  bg = np.asarray(am.background_patches(x, c.model.image.patch_size))
+  assert bg.shape == (2, 16)
+  assert [j for j in range(16) if bg[0, j]] == [1, 2]
