@@ -115,6 +115,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+class OnMesh:
+  """A jitted function called (and lowered) with `mesh` in context (jax.set_mesh), so that what
+  it traces can ask for the mesh: the Pallas kernels then run per device (qtx.kernels.sharding).
+  Everything else about the function (its shardings, its results) is unchanged."""
+
+  def __init__(self, fn, mesh: Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.fn, name)
+
+
+def on_mesh(fn, mesh: Mesh | None):
+  """`fn` run with `mesh` in context (OnMesh); `fn` itself when mesh is None."""
+  return fn if mesh is None else OnMesh(fn, mesh)
+
+
 def mesh_of(tree):
   """The mesh of the first leaf of `tree` (arrays or ShapeDtypeStructs) that carries a
   NamedSharding, or None."""

@@ -139,7 +139,8 @@ def make_encoders(run: Run, variables_extra: Optional[dict] = None, model: Optio
   extra = variables_extra or {}
   enc_i = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_image))
   enc_t = jax.jit(lambda p, x: model.apply({"params": p, **extra}, x, method=CLIP.encode_text))
-  return enc_i, enc_t
+  # with the run's mesh in context the Pallas kernels run per device
+  return parallel.on_mesh(enc_i, run.mesh), parallel.on_mesh(enc_t, run.mesh)
 
 
 # ----------------------------------------------------------------------------- parameters

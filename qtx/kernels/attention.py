@@ -15,6 +15,9 @@ The backward pass recomputes P from the saved lse (FlashAttention-style) in two 
   gamma, and dQ = scale * sum_j P (dA' - D) K;
 - per key block: dV = sum_i A^T dO (A the clipped weights) and dK = scale * sum_i (P (dA' - D))^T Q.
 
+Under a mesh (jax.set_mesh) each device runs the kernels on its own batch and head shard
+(qtx.kernels.sharding).
+
 Masks: causal (query i sees keys j <= i) and key padding (True = valid key). Fully masked rows
 give zeros and zero gradients.
 
@@ -34,6 +37,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qtx.kernels import sharding
 from qtx.kernels import softmax as _sm
 
 Array = jax.Array
@@ -555,4 +559,7 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
       raise ValueError(f"gamma of shape {g.shape} does not broadcast to B x H x T x 1 = "
                        f"({B}, {H}, {T}, 1)") from None
   st = _Static(plan, T, S, K, bool(causal), scale, float(zeta))
-  return _attention(q, k, v, km, g, st)
+  # per device under a mesh: batch over the data axes, heads over the tensor axis
+  return sharding.sharded_call(lambda *a: _attention(*a, st), [q, k, v, km, g],
+                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1)],
+                               out_dims=(0, 2), out_ndim=4, batch=B, heads=H)

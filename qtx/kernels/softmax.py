@@ -34,6 +34,8 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qtx.kernels import sharding
+
 Array = jax.Array
 
 LOG2E = 1.4426950408889634
@@ -450,16 +452,16 @@ def _to_rows(x, axis):
   return x.reshape(-1, x.shape[-1]), x.shape
 
 
-def _gamma_rows(gamma, shape, axis):
-  """gamma (a scalar or an array broadcastable to the rows: size 1 along `axis`) as R x 1."""
+def _gamma_full(gamma, shape, axis):
+  """gamma (a scalar or an array broadcastable to the rows: size 1 along `axis`) broadcast to
+  the row shape (`shape` with size 1 along `axis`)."""
   gamma = jnp.asarray(gamma, jnp.float32)
   row_shape = shape[:axis] + (1,) + shape[axis + 1:]
   try:
-    gamma = jnp.broadcast_to(gamma, row_shape)
+    return jnp.broadcast_to(gamma, row_shape)
   except ValueError:
     raise ValueError(f"gamma of shape {gamma.shape} does not broadcast to the rows "
                      f"{row_shape} (a scalar or one value per row)") from None
-  return _to_rows(gamma, axis)[0]
 
 
 def two_pass_softmax(x: Array, axis: int = -1, where: Optional[Array] = None, gamma=None,
@@ -489,16 +491,31 @@ def two_pass_softmax(x: Array, axis: int = -1, where: Optional[Array] = None, ga
   axis = axis % x.ndim
   if gamma is not None:
     check_clip_params(gamma, zeta)
-  x_RxN, moved_shape = _to_rows(x, axis)
-  R, N = x_RxN.shape
-  plan = make_plan(R, N, x.dtype, interpret, block_rows=block_rows, block_cols=block_cols)
-  mask_RxN = None
   if where is not None:
     where = jnp.broadcast_to(jnp.asarray(where, bool), x.shape)
-    mask_RxN = _to_rows(where, axis)[0].astype(plan.mask_dtype)
-  gamma_Rx1 = None if gamma is None else _gamma_rows(gamma, x.shape, axis)
-  y_RxN = _softmax_rows(x_RxN, mask_RxN, gamma_Rx1, _Static(plan, float(zeta)))
-  return jnp.moveaxis(y_RxN.reshape(moved_shape), -1, axis)
+  if gamma is not None:
+    gamma = _gamma_full(gamma, x.shape, axis)
+
+  def local(x, where, gamma):
+    x_RxN, moved_shape = _to_rows(x, axis)
+    R, N = x_RxN.shape
+    plan = make_plan(R, N, x.dtype, interpret, block_rows=block_rows, block_cols=block_cols)
+    mask_RxN = None if where is None else _to_rows(where, axis)[0].astype(plan.mask_dtype)
+    gamma_Rx1 = None if gamma is None else _to_rows(gamma, axis)[0]
+    y_RxN = _softmax_rows(x_RxN, mask_RxN, gamma_Rx1, _Static(plan, float(zeta)))
+    return jnp.moveaxis(y_RxN.reshape(moved_shape), -1, axis)
+
+  # per device under a mesh: the leading (batch) axis and, of 4-D scores, the heads axis
+  dims = _split_dims(x.ndim, axis)
+  return sharding.sharded_call(local, [x, where, gamma], [dims] * 3, dims, x.ndim,
+                               batch=x.shape[0], heads=x.shape[1] if dims[1] is not None else None)
+
+
+def _split_dims(ndim: int, axis: int):
+  """(batch dim, heads dim) a kernel over `axis` may split: axis 0 unless normalised, axis 1 of
+  B x H x T x S scores unless normalised."""
+  return (0 if axis != 0 and ndim >= 2 else None,
+          1 if ndim == 4 and axis not in (0, 1) else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -536,6 +553,12 @@ def logsumexp(x: Array, axis: int = -1, interpret: Optional[bool] = None) -> Arr
   if x.ndim == 0:
     raise ValueError("logsumexp needs at least one axis, got a scalar")
   axis = axis % x.ndim
-  x_RxN, moved_shape = _to_rows(x, axis)
-  plan = make_plan(*x_RxN.shape, x.dtype, interpret)
-  return _logsumexp_rows(x_RxN, plan).reshape(moved_shape[:-1])
+
+  def local(x):
+    x_RxN, moved_shape = _to_rows(x, axis)
+    plan = make_plan(*x_RxN.shape, x.dtype, interpret)
+    return _logsumexp_rows(x_RxN, plan).reshape(moved_shape[:-1])
+
+  batch_dim = 0 if axis != 0 and x.ndim >= 2 else None
+  return sharding.sharded_call(local, [x], [(batch_dim, None)], (batch_dim, None), x.ndim - 1,
+                               batch=x.shape[0])

@@ -122,9 +122,10 @@ def make_train_step(s: Run) -> Callable:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   batch_sh = parallel.batch_sharding(s.mesh, s.rules)
-  return jax.jit(step_fn, in_shardings=(s.state_sharding, batch_sh),
+  step = jax.jit(step_fn, in_shardings=(s.state_sharding, batch_sh),
                  out_shardings=(s.state_sharding, parallel.replicated(s.mesh)),
                  donate_argnums=(0,))
+  return parallel.on_mesh(step, s.mesh)  # the Pallas kernels run per device
 
 
 def _progress(total, initial):
