@@ -154,7 +154,7 @@ def _plan_matches_reference(plan, q, k, v, w, key_mask, gamma):
   km = key_mask.astype(jnp.int32)[:, None, :]
 
   def f(q, k, v, gamma):
-    return jnp.sum(w * attention_lib._attention(q, k, v, km, gamma, st))
+    return jnp.sum(w * attention_lib._attention(q, k, v, km, gamma, None, st))
 
   def f_ref(q, k, v, gamma):
     return jnp.sum(w * reference.attention_ref(q, k, v, causal=True, key_mask_BxS=key_mask,

@@ -29,7 +29,8 @@ def _loss_and_grads(c):
   return float(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("preset,gamma", [("gated", None), ("clipped_softmax", -0.03)])
+@pytest.mark.parametrize("preset,gamma", [("gated", None), ("clipped_softmax", -0.03),
+                                          ("softmax_sink", None)])
 def test_loss_and_gradients_pallas_equal_xla(preset, gamma):
   results = {}
   for impl in ("xla", "pallas"):
@@ -43,6 +44,12 @@ def test_loss_and_gradients_pallas_equal_xla(preset, gamma):
     results[impl] = _loss_and_grads(c)
   np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-5)
   g_xla, g_pallas = results["xla"][1], results["pallas"][1]
+  if preset == "softmax_sink":  # the learned sink logits get their gradient from the kernel
+    for tower in ("visual", "textual"):
+      g = g_pallas[tower]["encoder"]["block_0"]["attn"]["sink"]
+      assert np.abs(g).min() > 1e-6
+      np.testing.assert_allclose(g, g_xla[tower]["encoder"]["block_0"]["attn"]["sink"],
+                                 rtol=1e-4)
   # the attention weights get real gradients (the comparison below is not 0 == 0) ...
   for tower in ("visual", "textual"):
     for name in ("query", "value", "out"):

@@ -222,9 +222,9 @@ def train_run(preset: str, seed: int, workdir: str, steps: int | None = None,
         hist.write(json.dumps(m) + "\n")
         hist.flush()
         log(f"{preset} seed {seed} step {i}: loss {m['loss']:.3f} copy {m['copy_acc']:.2f} "
-            f"L0 BOS mass dormant {m['L0/bos_mass_dormant']:.2f} active "
-            f"{m['L0/bos_mass_active']:.2f} | L1 resid BOS {m['L1/resid_norm_bos']:.1f} vs "
-            f"{m['L1/resid_norm_other']:.1f}")
+            f"| BOS mass dormant L0 {m['L0/bos_mass_dormant']:.2f} L1 "
+            f"{m['L1/bos_mass_dormant']:.2f} | L1 |v| BOS {m['L1/value_norm_bos']:.2f} | L1 "
+            f"resid BOS {m['L1/resid_norm_bos']:.1f} vs {m['L1/resid_norm_other']:.1f}")
       if i == total:
         break
       # the seed picks the initialisation; every run of a study sees the same batches
@@ -242,10 +242,11 @@ def train_run(preset: str, seed: int, workdir: str, steps: int | None = None,
 TABLE = (
     ("loss", "loss", 1.0), ("copy_acc", "copy acc (%)", 100.0),
     ("L0/bos_mass_dormant", "L0 BOS mass, dormant", 1.0),
-    ("L0/bos_mass_active", "L0 BOS mass, active", 1.0),
-    ("L0/null_mass", "L0 mass on no key", 1.0),
-    ("L0/score_range", "L0 score range", 1.0),
-    ("L0/value_norm_bos", "L0 |v| BOS", 1.0), ("L0/value_norm_other", "L0 |v| other", 1.0),
+    ("L1/bos_mass_dormant", "L1 BOS mass, dormant", 1.0),
+    ("L1/bos_mass_active", "L1 BOS mass, active", 1.0),
+    ("L1/null_mass", "L1 mass on no key", 1.0),
+    ("L1/score_range", "L1 score range", 1.0),
+    ("L1/value_norm_bos", "L1 |v| BOS", 1.0), ("L1/value_norm_other", "L1 |v| other", 1.0),
     ("L1/resid_norm_bos", "L1 resid BOS", 1.0), ("L1/resid_norm_other", "L1 resid other", 1.0),
     ("max_inf_norm", "max inf-norm", 1.0), ("avg_kurtosis", "avg kurtosis", 1.0),
 )
@@ -281,13 +282,14 @@ def table(finals: Mapping[str, Sequence[Mapping[str, float]]], columns) -> str:
 
 
 def plot(histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: str) -> str:
-  """BOS mass of dormant queries (layer 0), the layer-1 residual norm at BOS over training, and
-  the layer-0 score range; one line per remedy (mean over seeds)."""
+  """Over training, one line per remedy (mean over seeds): the BOS mass of dormant queries in
+  layer 1 (where the sink forms at this size), the layer-1 residual norm at BOS, and the
+  layer-1 score range."""
   from qtx.analysis.figures import _new_figure
   fig = _new_figure(13, 3.8)
-  keys = (("L0/bos_mass_dormant", "L0 attention on BOS (dormant queries)"),
+  keys = (("L1/bos_mass_dormant", "L1 attention on BOS (dormant queries)"),
           ("L1/resid_norm_bos", "L1 residual norm at BOS"),
-          ("L0/score_range", "L0 softmax input range"))
+          ("L1/score_range", "L1 softmax input range"))
   for i, (key, title) in enumerate(keys):
     ax = fig.add_subplot(1, 3, i + 1)
     for name, runs in histories.items():

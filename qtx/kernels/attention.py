@@ -1,4 +1,9 @@
-"""Two-pass fused multi-head attention with softmax or clipped softmax, as Pallas kernels.
+"""Two-pass fused multi-head attention with softmax, clipped softmax or softmax with a sink
+logit, as Pallas kernels.
+
+A sink logit b (softmax_sink) is one more term of each row's normaliser, exp(b) with no value:
+pass 1 starts its (max, sum) accumulator from (b, 1) instead of (-inf, 0), and the rest is
+softmax's; its gradient is d b_i = -p_sink,i D_i with p_sink,i = exp(b - lse_i).
 
 The clipped softmax (Bondarenko et al. 2023, eq. 4) clip((zeta - gamma) * P + gamma, 0, 1) needs
 each row's full softmax normaliser before any probability can be clipped, so the online rescaling
@@ -189,12 +194,13 @@ def _loop(n, body, init):
   return lax.fori_loop(0, n, body, init)
 
 
-def _forward_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
+def _forward_kernel(*refs, st: _Static, has_mask: bool, clip: bool, sink: bool = False):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
   del refs[:3]
   km_ref = refs.pop(0) if has_mask else None
   gamma_ref = refs.pop(0) if clip else None
+  sink_ref = refs.pop(0) if sink else None
   o_ref, lse_ref = refs
   plan = st.plan
   bq, bk = plan.block_q, plan.block_k
@@ -219,7 +225,12 @@ def _forward_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
     p = jnp.where(valid, jnp.exp2(s - m_ref), 0.0)
     return m_new, l * jnp.exp2(m - m_ref) + jnp.sum(p, axis=1, keepdims=True)
 
-  init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32))
+  if sink:
+    # the sink logit is one more term of the normaliser: (m, l) start from (b, 1) in base 2
+    b2 = tiles.load_stat(sink_ref, _FULL, q_ok, -jnp.inf) * LOG2E
+    init = (b2, jnp.where(b2 == -jnp.inf, 0.0, 1.0))
+  else:
+    init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32))
   m, l = _loop(n_kb, pass1, init)
   lse = jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), jnp.inf)
 
@@ -238,17 +249,19 @@ def _forward_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
   _sm.store(lse_ref, _FULL, lse, q_ok, plan.masked)
 
 
-def _dq_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
+def _dq_kernel(*refs, st: _Static, has_mask: bool, clip: bool, sink: bool = False):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
   del refs[:3]
   km_ref = refs.pop(0) if has_mask else None
   gamma_ref = refs.pop(0) if clip else None
+  sink_ref = refs.pop(0) if sink else None
   lse_ref, do_ref = refs[:2]
   del refs[:2]
   o_ref = None if clip else refs.pop(0)
   dq_ref, delta_ref = refs[:2]
   dgamma_ref = refs[2] if clip else None
+  dsink_ref = refs[2] if sink else None
   plan = st.plan
   bq, bk = plan.block_q, plan.block_k
   tiles = _Tiles(st, km_ref)
@@ -293,14 +306,21 @@ def _dq_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
   _sm.store(delta_ref, _FULL, delta, q_ok, plan.masked)
   if clip:
     _sm.store(dgamma_ref, _FULL, dgam, q_ok, plan.masked)
+  if sink:
+    # the sink has no value: d b_i = p_sink,i (0 - D_i), p_sink = exp2(b * log2(e) - lse)
+    b2 = tiles.load_stat(sink_ref, _FULL, q_ok, -jnp.inf) * LOG2E
+    p_sink = jnp.where(lse < jnp.inf, jnp.exp2(b2 - lse), 0.0)
+    _sm.store(dsink_ref, _FULL, -p_sink * delta, q_ok, plan.masked)
 
 
-def _dkdv_kernel(*refs, st: _Static, has_mask: bool, clip: bool):
+def _dkdv_kernel(*refs, st: _Static, has_mask: bool, clip: bool, sink: bool = False):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
   del refs[:3]
   km_ref = refs.pop(0) if has_mask else None
   gamma_ref = refs.pop(0) if clip else None
+  if sink:  # P comes from the saved lse, which holds the sink already
+    refs.pop(0)
   lse_ref, do_ref, delta_ref, dk_ref, dv_ref = refs
   plan = st.plan
   bq, bk = plan.block_q, plan.block_k
@@ -408,8 +428,8 @@ def _pallas(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name):
                                           semantics=("parallel", "parallel", "parallel")))
 
 
-def _common_inputs(st: _Static, q, k, v, km, gamma, q_blocked: bool):
-  """Kernel-layout q, k, v, key mask, gamma and their specs (q blocked or k blocked)."""
+def _common_inputs(st: _Static, q, k, v, km, gamma, q_blocked: bool, sink=None):
+  """Kernel-layout q, k, v, key mask, gamma, sink and their specs (q blocked or k blocked)."""
   plan = st.plan
   bq, bk = plan.block_q, plan.block_k
   Tb, Sb = _padded_len(st.T, bq), _padded_len(st.S, bk)
@@ -420,9 +440,10 @@ def _common_inputs(st: _Static, q, k, v, km, gamma, q_blocked: bool):
   if km is not None:
     args.append(_km_in(km, plan))
     specs.append(_km_spec(Sb if q_blocked else bk, not q_blocked))
-  if gamma is not None:
-    args.append(_rows_in(gamma, plan, bq))
-    specs.append(_row_spec(bq if q_blocked else Tb, q_blocked))
+  for rows in (gamma, sink):
+    if rows is not None:
+      args.append(_rows_in(rows, plan, bq))
+      specs.append(_row_spec(bq if q_blocked else Tb, q_blocked))
   return args, specs
 
 
@@ -432,15 +453,15 @@ def _seq_shape(st: _Static, B, H, n, dtype):
   return jax.ShapeDtypeStruct((B, H, n, st.K), dtype)
 
 
-def _forward(st: _Static, q, k, v, km, gamma):
+def _forward(st: _Static, q, k, v, km, gamma, sink=None):
   """(out B x T x H x K, lse B x H x T x 1 in base 2)."""
   plan = st.plan
   B, _, H, _ = q.shape
   bq = plan.block_q
   Tk = st.T if plan.masked else _padded_len(st.T, bq)
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True)
+  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True, sink=sink)
   kernel = functools.partial(_forward_kernel, st=st, has_mask=km is not None,
-                             clip=gamma is not None)
+                             clip=gamma is not None, sink=sink is not None)
   out, lse = _pallas(
       kernel, st, (B, H, pl.cdiv(Tk, bq)), in_specs,
       [_seq_spec(plan, bq, True), _row_spec(bq, True)],
@@ -449,11 +470,12 @@ def _forward(st: _Static, q, k, v, km, gamma):
   return _seq_out(out, st.T, plan), _rows_out(lse, st.T, plan)
 
 
-def _backward(st: _Static, q, k, v, km, gamma, out, lse, do):
+def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
   plan = st.plan
   B, _, H, _ = q.shape
   bq, bk = plan.block_q, plan.block_k
   clip = gamma is not None
+  has_sink = sink is not None
   Tk = st.T if plan.masked else _padded_len(st.T, bq)
   Sk = st.S if plan.masked else _padded_len(st.S, bk)
   Tb = _padded_len(st.T, bq)
@@ -461,45 +483,50 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do):
   do_k = _seq_in(do, plan, bq)
   row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
 
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True)
+  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True, sink=sink)
   args += [lse_k, do_k]
   in_specs += [_row_spec(bq, True), _seq_spec(plan, bq, True)]
   if not clip:
     args.append(_seq_in(out, plan, bq))
     in_specs.append(_seq_spec(plan, bq, True))
-  out_shape = [_seq_shape(st, B, H, Tk, q.dtype), row] + [row] * clip
-  out_specs = [_seq_spec(plan, bq, True), _row_spec(bq, True)] + [_row_spec(bq, True)] * clip
-  outs = _pallas(functools.partial(_dq_kernel, st=st, has_mask=km is not None, clip=clip),
+  extra = int(clip) + int(has_sink)
+  out_shape = [_seq_shape(st, B, H, Tk, q.dtype), row] + [row] * extra
+  out_specs = [_seq_spec(plan, bq, True), _row_spec(bq, True)] + [_row_spec(bq, True)] * extra
+  outs = _pallas(functools.partial(_dq_kernel, st=st, has_mask=km is not None, clip=clip,
+                                   sink=has_sink),
                  st, (B, H, pl.cdiv(Tk, bq)), in_specs, out_specs, out_shape,
                  "two_pass_attention_bwd_dq")(*args)
   dq, delta = outs[0], outs[1]
   dgamma = _rows_out(outs[2], st.T, plan) if clip else None
+  dsink = _rows_out(outs[2], st.T, plan) if has_sink else None
 
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=False)
+  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=False, sink=sink)
   args += [lse_k, do_k, delta]
   in_specs += [_row_spec(Tb, False), _seq_spec(plan, Tb, False), _row_spec(Tb, False)]
-  dk, dv = _pallas(functools.partial(_dkdv_kernel, st=st, has_mask=km is not None, clip=clip),
+  dk, dv = _pallas(functools.partial(_dkdv_kernel, st=st, has_mask=km is not None, clip=clip,
+                                     sink=has_sink),
                    st, (B, H, pl.cdiv(Sk, bk)), in_specs,
                    [_seq_spec(plan, bk, True)] * 2,
                    [_seq_shape(st, B, H, Sk, k.dtype), _seq_shape(st, B, H, Sk, v.dtype)],
                    "two_pass_attention_bwd_dkdv")(*args)
-  return (_seq_out(dq, st.T, plan), _seq_out(dk, st.S, plan), _seq_out(dv, st.S, plan), dgamma)
+  return (_seq_out(dq, st.T, plan), _seq_out(dk, st.S, plan), _seq_out(dv, st.S, plan), dgamma,
+          dsink)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, km, gamma, st: _Static):
-  return _forward(st, q, k, v, km, gamma)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, km, gamma, sink, st: _Static):
+  return _forward(st, q, k, v, km, gamma, sink)[0]
 
 
-def _attention_fwd(q, k, v, km, gamma, st: _Static):
-  out, lse = _forward(st, q, k, v, km, gamma)
-  return out, (q, k, v, km, gamma, out, lse)
+def _attention_fwd(q, k, v, km, gamma, sink, st: _Static):
+  out, lse = _forward(st, q, k, v, km, gamma, sink)
+  return out, (q, k, v, km, gamma, sink, out, lse)
 
 
 def _attention_bwd(st: _Static, res, do):
-  q, k, v, km, gamma, out, lse = res
-  dq, dk, dv, dgamma = _backward(st, q, k, v, km, gamma, out, lse, do)
-  return dq, dk, dv, None, dgamma
+  q, k, v, km, gamma, sink, out, lse = res
+  dq, dk, dv, dgamma, dsink = _backward(st, q, k, v, km, gamma, out, lse, do, sink)
+  return dq, dk, dv, None, dgamma, dsink
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -507,7 +534,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
                        causal: bool = False, key_mask_BxS: Optional[Array] = None, gamma=None,
-                       zeta: float = 1.0, scale: Optional[float] = None,
+                       zeta: float = 1.0, sink=None, scale: Optional[float] = None,
                        interpret: Optional[bool] = None, block_q: Optional[int] = None,
                        block_k: Optional[int] = None) -> Array:
   """Fused multi-head attention with softmax, or clipped softmax when gamma is given.
@@ -521,6 +548,10 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
       float, a traced scalar, or an array broadcastable to B x H x T x 1 (one value per query
       row and head). Differentiable.
     zeta: Python float >= 1.
+    sink: None, or the sink logit b of softmax with a sink, p_ij = exp(s_ij) / (exp(b) +
+      sum_k exp(s_ik)) (qtx.nn.normalizers.softmax_with_sink): a scalar, or an array
+      broadcastable to B x H x T x 1, e.g. (H, 1, 1) per head; -inf is plain softmax. Its
+      gradient comes from the backward kernel (d b_i = -p_sink,i dO_i . O_i). Not with gamma.
     scale: score multiplier, default 1 / sqrt(K).
     interpret: None = interpret on CPU, compile on GPU/TPU.
     block_q, block_k: block sizes (powers of two >= 16); chosen per backend when None.
@@ -542,6 +573,9 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if gamma is not None:
     _sm.check_clip_params(gamma, zeta)
+  if gamma is not None and sink is not None:
+    raise ValueError("two_pass_attention takes gamma (clipped softmax) or sink (softmax with a "
+                     "sink), not both")
   scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
   plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
   km = None
@@ -558,8 +592,16 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
     except ValueError:
       raise ValueError(f"gamma of shape {g.shape} does not broadcast to B x H x T x 1 = "
                        f"({B}, {H}, {T}, 1)") from None
+  b = None
+  if sink is not None:
+    b = jnp.asarray(sink, jnp.float32)
+    try:
+      b = jnp.broadcast_to(b, (B, H, T, 1))
+    except ValueError:
+      raise ValueError(f"sink of shape {b.shape} does not broadcast to B x H x T x 1 = "
+                       f"({B}, {H}, {T}, 1); per head it is (H, 1, 1)") from None
   st = _Static(plan, T, S, K, bool(causal), scale, float(zeta))
   # per device under a mesh: batch over the data axes, heads over the tensor axis
-  return sharding.sharded_call(lambda *a: _attention(*a, st), [q, k, v, km, g],
-                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1)],
+  return sharding.sharded_call(lambda *a: _attention(*a, st), [q, k, v, km, g, b],
+                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)],
                                out_dims=(0, 2), out_ndim=4, batch=B, heads=H)

@@ -213,10 +213,14 @@ class MultiHeadAttention(nn.Module):
       q_BxTxHxK = _l2_normalize(q_BxTxHxK)
       k_BxSxHxK = _l2_normalize(k_BxSxHxK)
 
+    # parameters the normalizer learns (e.g. a sink logit per head), for either path
+    learned = {kw: self.param(name, *make(H)) for kw, (name, make) in norm.learned.items()}
     # the two-pass kernels' arguments, or None where they cannot run this normalizer here
     kernel_args = None
     if cfg.impl == "pallas":
-      kernel_args = cfg.spec.pallas(cfg.values(), step, T, self.causal or key_mask_BxS is not None)
+      per_row = self.causal or key_mask_BxS is not None
+      extra = {"learned": learned} if learned else {}
+      kernel_args = cfg.spec.pallas(cfg.values(), step, T, per_row, **extra)
     pallas = kernel_args is not None
     use_fused = (pallas and not (self.quant and self.quant.enabled)
                  and not self.is_mutable_collection("intermediates"))
@@ -231,11 +235,10 @@ class MultiHeadAttention(nn.Module):
           scale, jnp.float32).astype(q_BxTxHxK.dtype)
       s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
           s_BxHxTxS, valid_scores)
-      if pallas:
+      if pallas and "sink" not in kernel_args:  # the softmax kernel has no sink term
         from qtx import kernels
         p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, **kernel_args)
       else:
-        learned = {kw: self.param(name, *make(H)) for kw, (name, make) in norm.learned.items()}
         p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys, **learned)
       p_BxHxTxS = p_BxHxTxS.astype(self.dtype)
       self.sow("intermediates", "attn_probs", p_BxHxTxS)

@@ -11,9 +11,11 @@ A normalizer plug-in is one module that defines its function(s) and calls `regis
              `learned` field names parameters the attention module creates for it (e.g. a
              sink logit per head)
   check      check(values) raises ParamError(key, message) for a bad value (optional)
-  pallas     pallas(values, step, num_keys, per_row) -> the two-pass kernels' normalizer
-             arguments {'gamma': ..., 'zeta': ...}, or None where the kernels cannot run it
-             (per_row: rows see different numbers of keys, causal or padded); None = no kernel
+  pallas     pallas(values, step, num_keys, per_row[, learned]) -> the two-pass kernels'
+             normalizer arguments ({'gamma': ..., 'zeta': ...} or {'sink': ...}), or None where
+             the kernels cannot run it (per_row: rows see different numbers of keys, causal or
+             padded); None = no kernel. `learned` (passed only when the normalizer has learned
+             parameters) maps each `learned` kwarg to the attention module's array
 """
 from __future__ import annotations
 

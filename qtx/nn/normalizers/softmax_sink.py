@@ -7,7 +7,8 @@ than 1) without pushing its scores to huge values (PAPERS.md section 8). b = 0 f
 "softmax + 1" (off-by-one attention); b = -inf is plain softmax. Config keys: sink_init (the
 initial, or fixed, b) and sink_learned (True: one learned b per head, initialised at sink_init;
 False: b = sink_init for every head, not a parameter). The learned logits are a (H,) parameter
-'sink' of the attention module, kept in float and without weight decay.
+'sink' of the attention module, kept in float and without weight decay. attention.impl=pallas
+runs it in the two-pass attention kernel (qtx.kernels.two_pass_attention's `sink`).
 """
 from __future__ import annotations
 
@@ -84,5 +85,14 @@ def _check(values) -> None:
     raise ParamError("sink_init", f"a learned sink needs a finite initial logit, got {b}")
 
 
+def _pallas(values, step, num_keys, per_row, learned=None):
+  """The two-pass attention kernel's sink: the learned (H,) logits as (H, 1, 1), or the fixed
+  one. (The two-pass softmax kernel has none: with quantization the scores go through
+  softmax_with_sink in XLA.)"""
+  if values["sink_learned"]:
+    return {"sink": learned["sink_H"][:, None, None]}
+  return {"sink": float(values["sink_init"])}
+
+
 register(Spec("softmax_sink", params={"sink_init": 0.0, "sink_learned": True}, factory=_factory,
-              from_config=_from_config, check=_check))
+              from_config=_from_config, check=_check, pallas=_pallas))
