@@ -1,0 +1,21 @@
+"""The one-shot accelerator check runs end to end as a CPU dry run (tiny shapes, interpreted
+kernels) and writes its report: every section, every kernel checked and passing, the device
+named, the dry run said to be no speed measurement."""
+from benchmarks import device_check
+
+
+def test_device_check_dry_run_writes_every_section(tmp_path):
+  out = tmp_path / "report.md"
+  text = device_check.main(["--dry-run", "--out", str(out)])
+  assert out.read_text() == text
+  assert "Device: **" in text and "**Dry run**" in text
+  for title in ("## 1. Kernels against XLA", "## 2. Two-pass softmax",
+                "## 3. Two-pass attention", "## 4. CLIP train step"):
+    assert title in text, title
+  kernels = [line for line in text.split("## 2.")[0].splitlines() if line.startswith("| two")
+             or line.startswith("| log")]
+  assert len(kernels) == 6 and all(line.endswith("| pass |") for line in kernels), kernels
+  assert "ERROR" not in text and "skipped" not in text
+  assert "tiny CLIP (dry run), float32, batch 8 |" in text
+  for label in ("softmax", "clipped", "sink"):
+    assert f"K=16 {label} |" in text, label
