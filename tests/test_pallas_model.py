@@ -30,7 +30,7 @@ def _loss_and_grads(c):
 
 
 @pytest.mark.parametrize("preset,gamma", [("gated", None), ("clipped_softmax", -0.03),
-                                          ("softmax_sink", None)])
+                                          ("softmax_sink", None), ("softplus", None)])
 def test_loss_and_gradients_pallas_equal_xla(preset, gamma):
   results = {}
   for impl in ("xla", "pallas"):

@@ -1,12 +1,15 @@
-"""Pallas kernels: the two-pass softmax and the two-pass (clipped-softmax) attention.
+"""Pallas kernels: the two-pass softmax and the two-pass attention (softmax, clipped softmax,
+softmax with a sink logit, softplus attention with re-weighting).
 
 - two_pass_softmax(x, axis=-1, where=None, gamma=None, zeta=1.0, interpret=None)
 - logsumexp(x, axis=-1, interpret=None)
 - two_pass_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, *, causal=False, key_mask_BxS=None,
-                     gamma=None, zeta=1.0, scale=None, interpret=None)
+                     gamma=None, zeta=1.0, sink=None, softplus_p=None, softplus_eps=1e-6,
+                     scale=None, interpret=None)
 
 All are differentiable (jax.custom_vjp over backward Pallas kernels) and run compiled on GPU
-(Pallas Triton) and TPU (Mosaic), interpreted on CPU. `reference` holds the pure-jnp versions.
+(Pallas Triton) and TPU (Mosaic), interpreted on CPU; under a mesh (jax.set_mesh) each device
+runs them on its own batch and head shard (`sharding`). `reference` holds pure-jnp versions.
 """
 from qtx.kernels import reference
 from qtx.kernels.attention import two_pass_attention

@@ -1,5 +1,5 @@
-"""Two-pass fused multi-head attention with softmax, clipped softmax or softmax with a sink
-logit, as Pallas kernels.
+"""Two-pass fused multi-head attention with softmax, clipped softmax, softmax with a sink logit
+or softplus attention with re-weighting, as Pallas kernels.
 
 A sink logit b (softmax_sink) is one more term of each row's normaliser, exp(b) with no value:
 pass 1 starts its (max, sum) accumulator from (b, 1) instead of (-inf, 0), and the rest is
@@ -100,6 +100,8 @@ class _Static:
   causal: bool
   scale: float
   zeta: float
+  softplus_p: float = 1.0
+  softplus_eps: float = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +364,173 @@ def _dkdv_kernel(*refs, st: _Static, has_mask: bool, clip: bool, sink: bool = Fa
 
 
 # ----------------------------------------------------------------------------------------------
+# Softplus attention with re-weighting (Gao & Spratling 2025): S = softplus(s) on the visible
+# keys, A = S / (sum S + eps), R = N A - O, weights = relu(R)^p / sum relu(R)^p, computed as a
+# softmax over p log R on the entries with R > 0 (so large p cannot overflow). Pass 1 sums S;
+# pass 2 is an online softmax over p log R (its max rescaling is exact here, since A is fixed
+# once sum S is known) accumulating the weights times V. Scores s = row_scale * q.k with the
+# per-row scale log(d) log(N_i) and q, k already L2-normalised by the caller.
+# Backward (the written-out VJP of qtx.nn.normalizers.softplus_reweight): with g = dO V^T,
+# D = dO . O (= sum_j y g), dR = p y / R (g - D) on R > 0, E = sum_j dR A, dS = N / (sum S + eps) (dR - E)
+# sigmoid(s) on visible keys; dq = row_scale dS K, dk = (row_scale dS)^T Q, dv = y^T dO.
+
+
+def _softplus(x):
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+class _SoftplusRows:
+  """The per-row quantities of one (query block, key block) tile."""
+
+  def __init__(self, st, q, k, valid, rs, n, den):
+    self.s = _dot_nt(q, k) * rs
+    self.sp = jnp.where(valid, _softplus(self.s), 0.0)
+    self.a = self.sp / den
+    self.r = n * self.a - jnp.where(n <= 1.0, 0.0, 1.0)
+    self.pos = valid & (self.r > 0.0)
+    self.logit = jnp.where(self.pos, st.softplus_p * jnp.log(jnp.where(self.pos, self.r, 1.0)),
+                           -jnp.inf)
+
+  def weights(self, lse):
+    return jnp.where(self.pos, jnp.exp(self.logit - lse), 0.0)
+
+  def ds(self, st, y, g, D, E, valid, n, den):
+    dr = jnp.where(self.pos, st.softplus_p * y / jnp.where(self.pos, self.r, 1.0) * (g - D), 0.0)
+    sig = 1.0 / (1.0 + jnp.exp(-self.s))
+    return dr, jnp.where(valid, n / den * (dr - E) * sig, 0.0)
+
+
+def _sp_forward_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, has_mask: bool):
+  refs = list(refs)
+  km_ref = refs.pop(0) if has_mask else None
+  rs_ref, n_ref, o_ref, den_ref, lse_ref = refs
+  plan = st.plan
+  bq, bk = plan.block_q, plan.block_k
+  tiles = _Tiles(st, km_ref)
+  _, q_ids, q_ok = tiles.rows(pl.program_id(2) * bq, bq, st.T)
+  q = tiles.load_rows(q_ref, _FULL, q_ok)
+  rs = tiles.load_stat(rs_ref, _FULL, q_ok, 0.0)
+  n = tiles.load_stat(n_ref, _FULL, q_ok, 0.0)
+  n_kb = _n_key_blocks(st, pl.program_id(2) * bq + bq)
+
+  def tile(j):
+    k_idx, _, k_ok = tiles.rows(j * bk, bk, st.S)
+    return k_idx, k_ok, tiles.valid(q_ids, q_ok, j * bk)
+
+  def pass1(j, z):
+    k_idx, k_ok, valid = tile(j)
+    s = _dot_nt(q, tiles.load_rows(k_ref, k_idx, k_ok)) * rs
+    return z + jnp.sum(jnp.where(valid, _softplus(s), 0.0), axis=1, keepdims=True)
+
+  den = _loop(n_kb, pass1, jnp.zeros((bq, 1), jnp.float32)) + st.softplus_eps
+
+  def pass2(j, acc):
+    m, l, o = acc
+    k_idx, k_ok, valid = tile(j)
+    k = tiles.load_rows(k_ref, k_idx, k_ok)
+    v = tiles.load_rows(v_ref, k_idx, k_ok)
+    t = _SoftplusRows(st, q, k, valid, rs, n, den)
+    m_new = jnp.maximum(m, jnp.max(t.logit, axis=1, keepdims=True))
+    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    e = jnp.where(t.pos, jnp.exp(t.logit - m_ref), 0.0)
+    alpha = jnp.exp(m - m_ref)
+    return (m_new, l * alpha + jnp.sum(e, axis=1, keepdims=True),
+            o * alpha + _dot_nn(e.astype(v.dtype), v))
+
+  init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+          jnp.zeros((bq, plan.head_block), jnp.float32))
+  m, l, o = _loop(n_kb, pass2, init)
+  out = o / jnp.where(l > 0.0, l, 1.0)
+  lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), jnp.inf)
+  _sm.store(o_ref, _FULL, out, q_ok & tiles.col_ok, plan.masked)
+  _sm.store(den_ref, _FULL, den, q_ok, plan.masked)
+  _sm.store(lse_ref, _FULL, lse, q_ok, plan.masked)
+
+
+def _sp_dq_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, has_mask: bool):
+  refs = list(refs)
+  km_ref = refs.pop(0) if has_mask else None
+  rs_ref, n_ref, den_ref, lse_ref, do_ref, o_ref, dq_ref, d_ref, e_ref = refs
+  plan = st.plan
+  bq, bk = plan.block_q, plan.block_k
+  tiles = _Tiles(st, km_ref)
+  _, q_ids, q_ok = tiles.rows(pl.program_id(2) * bq, bq, st.T)
+  q = tiles.load_rows(q_ref, _FULL, q_ok)
+  do = tiles.load_rows(do_ref, _FULL, q_ok)
+  rs = tiles.load_stat(rs_ref, _FULL, q_ok, 0.0)
+  n = tiles.load_stat(n_ref, _FULL, q_ok, 0.0)
+  den = tiles.load_stat(den_ref, _FULL, q_ok, 1.0)
+  lse = tiles.load_stat(lse_ref, _FULL, q_ok, jnp.inf)
+  o = tiles.load_rows(o_ref, _FULL, q_ok, jnp.float32)
+  D = jnp.sum(o * do.astype(jnp.float32), axis=1, keepdims=True)
+  n_kb = _n_key_blocks(st, pl.program_id(2) * bq + bq)
+
+  def tile(j):
+    k_idx, _, k_ok = tiles.rows(j * bk, bk, st.S)
+    k = tiles.load_rows(k_ref, k_idx, k_ok)
+    v = tiles.load_rows(v_ref, k_idx, k_ok)
+    valid = tiles.valid(q_ids, q_ok, j * bk)
+    t = _SoftplusRows(st, q, k, valid, rs, n, den)
+    return k, t, t.weights(lse), _dot_nt(do, v), valid
+
+  def pass_e(j, E):
+    _, t, y, g, valid = tile(j)
+    dr, _ = t.ds(st, y, g, D, 0.0, valid, n, den)
+    return E + jnp.sum(dr * t.a, axis=1, keepdims=True)
+
+  E = _loop(n_kb, pass_e, jnp.zeros((bq, 1), jnp.float32))
+
+  def pass_dq(j, acc):
+    k, t, y, g, valid = tile(j)
+    _, ds = t.ds(st, y, g, D, E, valid, n, den)
+    return acc + _dot_nn(ds.astype(k.dtype), k)
+
+  dq = _loop(n_kb, pass_dq, jnp.zeros((bq, plan.head_block), jnp.float32)) * rs
+  _sm.store(dq_ref, _FULL, dq, q_ok & tiles.col_ok, plan.masked)
+  _sm.store(d_ref, _FULL, D, q_ok, plan.masked)
+  _sm.store(e_ref, _FULL, E, q_ok, plan.masked)
+
+
+def _sp_dkdv_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, has_mask: bool):
+  refs = list(refs)
+  km_ref = refs.pop(0) if has_mask else None
+  rs_ref, n_ref, den_ref, lse_ref, do_ref, d_ref, e_ref, dk_ref, dv_ref = refs
+  plan = st.plan
+  bq, bk = plan.block_q, plan.block_k
+  tiles = _Tiles(st, km_ref)
+  k_start = pl.program_id(2) * bk
+  _, _, k_ok = tiles.rows(k_start, bk, st.S)
+  k = tiles.load_rows(k_ref, _FULL, k_ok)
+  v = tiles.load_rows(v_ref, _FULL, k_ok)
+  n_qb = pl.cdiv(st.T, bq)
+  first = 0
+  if st.causal and plan.masked:
+    first = lax.div(k_start, bq)
+
+  def body(i, acc):
+    dk, dv = acc
+    q_idx, q_ids, q_ok = tiles.rows((first + i) * bq, bq, st.T)
+    q = tiles.load_rows(q_ref, q_idx, q_ok)
+    do = tiles.load_rows(do_ref, q_idx, q_ok)
+    stat = lambda ref, other: tiles.load_stat(ref, q_idx, q_ok, other)
+    rs, n, den = stat(rs_ref, 0.0), stat(n_ref, 0.0), stat(den_ref, 1.0)
+    lse, D, E = stat(lse_ref, jnp.inf), stat(d_ref, 0.0), stat(e_ref, 0.0)
+    valid = tiles.valid(q_ids, q_ok, k_start, km_start=0)
+    t = _SoftplusRows(st, q, k, valid, rs, n, den)
+    y = t.weights(lse)
+    dv = dv + _dot_tn(y.astype(do.dtype), do)
+    _, ds = t.ds(st, y, _dot_nt(do, v), D, E, valid, n, den)
+    dk = dk + _dot_tn((ds * rs).astype(q.dtype), q)
+    return dk, dv
+
+  zeros = jnp.zeros((bk, plan.head_block), jnp.float32)
+  n = n_qb if isinstance(first, int) else n_qb - first
+  dk, dv = _loop(n, body, (zeros, zeros))
+  _sm.store(dk_ref, _FULL, dk, k_ok & tiles.col_ok, plan.masked)
+  _sm.store(dv_ref, _FULL, dv, k_ok & tiles.col_ok, plan.masked)
+
+
+# ----------------------------------------------------------------------------------------------
 # Layouts, BlockSpecs and pallas_calls.
 
 
@@ -513,6 +682,81 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
           dsink)
 
 
+def _sp_inputs(st: _Static, q, k, v, km, rows, q_blocked: bool):
+  """Kernel-layout q, k, v, key mask and the row statistics `rows` (B x H x T x 1 each)."""
+  plan = st.plan
+  bq, bk = plan.block_q, plan.block_k
+  Tb = _padded_len(st.T, bq)
+  args, specs = _common_inputs(st, q, k, v, km, None, q_blocked)
+  for r in rows:
+    args.append(_rows_in(r, plan, bq))
+    specs.append(_row_spec(bq if q_blocked else Tb, q_blocked))
+  return args, specs
+
+
+def _sp_forward(st: _Static, q, k, v, km, rs, n):
+  """(out, den = sum S + eps, lse of the pass-2 softmax; the last two B x H x T x 1)."""
+  plan = st.plan
+  B, _, H, _ = q.shape
+  bq = plan.block_q
+  Tk = st.T if plan.masked else _padded_len(st.T, bq)
+  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n), q_blocked=True)
+  row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
+  out, den, lse = _pallas(
+      functools.partial(_sp_forward_kernel, st=st, has_mask=km is not None), st,
+      (B, H, pl.cdiv(Tk, bq)), in_specs,
+      [_seq_spec(plan, bq, True), _row_spec(bq, True), _row_spec(bq, True)],
+      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_fwd")(*args)
+  return _seq_out(out, st.T, plan), _rows_out(den, st.T, plan), _rows_out(lse, st.T, plan)
+
+
+def _sp_backward(st: _Static, q, k, v, km, rs, n, out, den, lse, do):
+  plan = st.plan
+  B, _, H, _ = q.shape
+  bq, bk = plan.block_q, plan.block_k
+  Tk = st.T if plan.masked else _padded_len(st.T, bq)
+  Sk = st.S if plan.masked else _padded_len(st.S, bk)
+  Tb = _padded_len(st.T, bq)
+  row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
+  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=True)
+  args += [_seq_in(do, plan, bq), _seq_in(out, plan, bq)]
+  in_specs += [_seq_spec(plan, bq, True)] * 2
+  dq, D, E = _pallas(
+      functools.partial(_sp_dq_kernel, st=st, has_mask=km is not None), st,
+      (B, H, pl.cdiv(Tk, bq)), in_specs,
+      [_seq_spec(plan, bq, True), _row_spec(bq, True), _row_spec(bq, True)],
+      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_bwd_dq")(*args)
+  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=False)
+  args += [_seq_in(do, plan, bq), D, E]
+  in_specs += [_seq_spec(plan, Tb, False), _row_spec(Tb, False), _row_spec(Tb, False)]
+  dk, dv = _pallas(
+      functools.partial(_sp_dkdv_kernel, st=st, has_mask=km is not None), st,
+      (B, H, pl.cdiv(Sk, bk)), in_specs, [_seq_spec(plan, bk, True)] * 2,
+      [_seq_shape(st, B, H, Sk, k.dtype), _seq_shape(st, B, H, Sk, v.dtype)],
+      "softplus_attention_bwd_dkdv")(*args)
+  return _seq_out(dq, st.T, plan), _seq_out(dk, st.S, plan), _seq_out(dv, st.S, plan)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _softplus_attention(q, k, v, km, rs, n, st: _Static):
+  return _sp_forward(st, q, k, v, km, rs, n)[0]
+
+
+def _softplus_attention_fwd(q, k, v, km, rs, n, st: _Static):
+  out, den, lse = _sp_forward(st, q, k, v, km, rs, n)
+  return out, (q, k, v, km, rs, n, out, den, lse)
+
+
+def _softplus_attention_bwd(st: _Static, res, do):
+  q, k, v, km, rs, n, out, den, lse = res
+  dq, dk, dv = _sp_backward(st, q, k, v, km, rs, n, out, den, lse, do)
+  # the row scale and the key counts come from the mask alone: no gradient
+  return dq, dk, dv, None, jnp.zeros_like(rs), jnp.zeros_like(n)
+
+
+_softplus_attention.defvjp(_softplus_attention_fwd, _softplus_attention_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, km, gamma, sink, st: _Static):
   return _forward(st, q, k, v, km, gamma, sink)[0]
@@ -534,7 +778,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
                        causal: bool = False, key_mask_BxS: Optional[Array] = None, gamma=None,
-                       zeta: float = 1.0, sink=None, scale: Optional[float] = None,
+                       zeta: float = 1.0, sink=None, softplus_p: Optional[float] = None,
+                       softplus_eps: float = 1e-6, scale=None,
                        interpret: Optional[bool] = None, block_q: Optional[int] = None,
                        block_k: Optional[int] = None) -> Array:
   """Fused multi-head attention with softmax, or clipped softmax when gamma is given.
@@ -552,7 +797,12 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
       sum_k exp(s_ik)) (qtx.nn.normalizers.softmax_with_sink): a scalar, or an array
       broadcastable to B x H x T x 1, e.g. (H, 1, 1) per head; -inf is plain softmax. Its
       gradient comes from the backward kernel (d b_i = -p_sink,i dO_i . O_i). Not with gamma.
-    scale: score multiplier, default 1 / sqrt(K).
+    softplus_p, softplus_eps: None, or softplus attention with re-weighting (Gao & Spratling
+      2025; qtx.nn.normalizers.softplus_reweight with p, eps) in place of the softmax, on q and
+      k the caller has L2-normalised. Not with gamma or sink.
+    scale: score multiplier, default 1 / sqrt(K); with softplus_p a per-row scale broadcastable
+      to B x H x T x 1 is allowed, default log(K) log(max(N_i, 2)) with N_i the keys row i
+      sees.
     interpret: None = interpret on CPU, compile on GPU/TPU.
     block_q, block_k: block sizes (powers of two >= 16); chosen per backend when None.
 
@@ -573,9 +823,12 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if gamma is not None:
     _sm.check_clip_params(gamma, zeta)
-  if gamma is not None and sink is not None:
-    raise ValueError("two_pass_attention takes gamma (clipped softmax) or sink (softmax with a "
-                     "sink), not both")
+  if sum(x is not None for x in (gamma, sink, softplus_p)) > 1:
+    raise ValueError("two_pass_attention takes one of gamma (clipped softmax), sink (softmax "
+                     "with a sink) and softplus_p (softplus attention), not several")
+  if softplus_p is not None:
+    return _softplus_entry(q, k, v, causal, key_mask_BxS, float(softplus_p), float(softplus_eps),
+                           scale, interpret, block_q, block_k)
   scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
   plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
   km = None
@@ -603,5 +856,38 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
   st = _Static(plan, T, S, K, bool(causal), scale, float(zeta))
   # per device under a mesh: batch over the data axes, heads over the tensor axis
   return sharding.sharded_call(lambda *a: _attention(*a, st), [q, k, v, km, g, b],
+                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)],
+                               out_dims=(0, 2), out_ndim=4, batch=B, heads=H)
+
+
+def _softplus_entry(q, k, v, causal, key_mask_BxS, p, eps, scale, interpret, block_q, block_k):
+  B, T, H, K = q.shape
+  S = k.shape[1]
+  if not p > 0:
+    raise ValueError(f"softplus_p must be > 0, got {p}")
+  if not eps > 0:
+    raise ValueError(f"softplus_eps must be > 0, got {eps}")
+  plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
+  n = jnp.full((1, 1, T, 1), float(S), jnp.float32)  # keys each row sees
+  if causal:
+    n = jnp.minimum(n, (jnp.arange(T, dtype=jnp.float32) + 1.0 + (S - T))[None, None, :, None])
+  km = None
+  if key_mask_BxS is not None:
+    key_mask_BxS = jnp.asarray(key_mask_BxS)
+    if key_mask_BxS.shape != (B, S):
+      raise ValueError(f"key_mask_BxS must have shape ({B}, {S}), got {key_mask_BxS.shape}")
+    km = key_mask_BxS.astype(bool).astype(jnp.int32)[:, None, :]
+    n = jnp.minimum(n, jnp.sum(key_mask_BxS.astype(bool), -1, dtype=jnp.float32)[
+        :, None, None, None])
+  n = jnp.broadcast_to(n, (B, H, T, 1))
+  if scale is None:
+    scale = math.log(K) * jnp.log(jnp.maximum(n, 2.0))
+  try:
+    rs = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (B, H, T, 1))
+  except ValueError:
+    raise ValueError(f"scale of shape {jnp.shape(scale)} does not broadcast to B x H x T x 1 = "
+                     f"({B}, {H}, {T}, 1)") from None
+  st = _Static(plan, T, S, K, bool(causal), 1.0, 1.0, softplus_p=p, softplus_eps=eps)
+  return sharding.sharded_call(lambda *a: _softplus_attention(*a, st), [q, k, v, km, rs, n],
                                dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)],
                                out_dims=(0, 2), out_ndim=4, batch=B, heads=H)

@@ -228,14 +228,15 @@ class MultiHeadAttention(nn.Module):
       from qtx import kernels
       ctx_BxTxHxK = kernels.two_pass_attention(
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, causal=self.causal, key_mask_BxS=key_mask_BxS,
-          **kernel_args, scale=1.0 / math.sqrt(K)).astype(self.dtype)
+          **kernel_args, scale=norm.score_scale(K, n_keys)).astype(self.dtype)
     else:
       scale = norm.score_scale(K, n_keys)
       s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
           scale, jnp.float32).astype(q_BxTxHxK.dtype)
       s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
           s_BxHxTxS, valid_scores)
-      if pallas and "sink" not in kernel_args:  # the softmax kernel has no sink term
+      # the two-pass softmax kernel has no sink term and no softplus re-weighting
+      if pallas and not {"sink", "softplus_p"} & set(kernel_args):
         from qtx import kernels
         p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, **kernel_args)
       else:

@@ -2,7 +2,8 @@
 
 S = softplus(x) masked, A = S / (sum S + eps), B = relu(N * A - O) ** p row-normalised. The
 attention module supplies x = log(d) * log(N) * (q_hat . k_hat) (`Normalizer.normalize_qk`,
-`score_scale`). Config keys: softplus_p (p) and softplus_eps (eps).
+`score_scale`). Config keys: softplus_p (p) and softplus_eps (eps). attention.impl=pallas runs
+it in the two-pass attention kernel (qtx.kernels.two_pass_attention's `softplus_p`).
 """
 from __future__ import annotations
 
@@ -137,5 +138,12 @@ def _check(values) -> None:
     raise ParamError("softplus_eps", f"must be > 0, got {values['softplus_eps']}")
 
 
+def _pallas(values, step, num_keys, per_row):
+  """The two-pass attention kernel's softplus mode (its own per-row scale comes from the
+  attention module; the two-pass softmax kernel has none: with quantization the scores go
+  through softplus_reweight in XLA)."""
+  return {"softplus_p": float(values["softplus_p"]), "softplus_eps": float(values["softplus_eps"])}
+
+
 register(Spec("softplus", params={"softplus_p": 15.0, "softplus_eps": 1e-6}, factory=_factory,
-              from_config=_from_config, check=_check))
+              from_config=_from_config, check=_check, pallas=_pallas))
