@@ -10,11 +10,11 @@ markdown report naming the device:
 
 1. correctness: each Pallas kernel compiled for the backend (Triton on GPU, Mosaic on TPU;
    interpreted on CPU) against its XLA reference, forward and backward: two-pass softmax
-   (plain, clipped, masked), logsumexp, two-pass attention (softmax, clipped, sink; causal with
-   padding);
+   (plain, clipped, masked), logsumexp, two-pass attention (softmax, clipped, sink, softplus;
+   causal with padding);
 2. two-pass softmax against jax.nn.softmax at ViT/CLIP score shapes and long rows: time, GB/s
    (one read of x, one write of y), % of the device's HBM peak, ratio;
-3. two-pass attention (softmax, clipped, sink) against jax.nn.dot_product_attention at
+3. two-pass attention (softmax, clipped, sink, softplus) against jax.nn.dot_product_attention at
    T = 197 and 1024, forward + backward, bfloat16, block sizes autotuned over a small grid;
 4. the ViT-B/16 CLIP train step (bfloat16, remat) at the largest batch that fits: samples/s,
    model TFLOP/s per device and MFU.
@@ -78,6 +78,17 @@ def _attn_ref(q, k, v, causal, km, gamma=None, sink=None):
   return jnp.einsum("bhts,bshk->bthk", p, v.astype(jnp.float32))
 
 
+def _softplus_ref(q, k, v, km, p=3.0):
+  from qtx.nn.normalizers import plain_softplus_reweight
+  B, T, H, K = q.shape
+  where = jnp.broadcast_to(reference.attention_mask(T, T, True, km), (B, H, T, T))
+  n = jnp.sum(where, -1, keepdims=True).astype(jnp.float32)
+  s = jnp.einsum("bthk,bshk->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+  s = s * np.log(K) * jnp.log(jnp.maximum(n, 2.0))
+  return jnp.einsum("bhts,bshk->bthk", plain_softplus_reweight(s, where, p, 1e-6),
+                    v.astype(jnp.float32))
+
+
 def correctness_rows(dry: bool) -> list[list[str]]:
   rows = []
   rng = jax.random.split(jax.random.key(0), 6)
@@ -113,6 +124,11 @@ def correctness_rows(dry: bool) -> list[list[str]]:
                   lambda q, k, v, kw=kw: kernels.two_pass_attention(
                       q, k, v, causal=True, key_mask_BxS=km, **kw),
                   lambda q, k, v, kw=kw: _attn_ref(q, k, v, True, km, **kw), (q, k, v), 5e-5))
+  nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  cases.append(("two_pass_attention softplus p=3, causal + padding",
+                lambda q, k, v: kernels.two_pass_attention(
+                    nrm(q), nrm(k), v, causal=True, key_mask_BxS=km, softplus_p=3.0),
+                lambda q, k, v: _softplus_ref(nrm(q), nrm(k), v, km), (q, k, v), 5e-5))
   for name, f, f_ref, a, tol in cases:
     try:
       e_out, e_grad = err(jax.jit(f), jax.jit(f_ref), *a)
@@ -188,7 +204,8 @@ def attention_rows(dry: bool, plat: str, deadline: Deadline, rounds: int, iters:
       except Exception:  # noqa: BLE001 - cudnn may not support the shape
         pass
     sink = jnp.zeros((H, 1, 1))
-    for label, kw in (("softmax", {}), ("clipped", {"gamma": -0.003}), ("sink", {"sink": sink})):
+    for label, kw in (("softmax", {}), ("clipped", {"gamma": -0.003}), ("sink", {"sink": sink}),
+                      ("softplus", {"softplus_p": 1.0})):
       if deadline.left() < 45:
         rows.append([f"T={T} {label}", "skipped (time budget)", "", "", ""])
         continue

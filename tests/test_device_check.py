@@ -14,8 +14,8 @@ def test_device_check_dry_run_writes_every_section(tmp_path):
     assert title in text, title
   kernels = [line for line in text.split("## 2.")[0].splitlines() if line.startswith("| two")
              or line.startswith("| log")]
-  assert len(kernels) == 6 and all(line.endswith("| pass |") for line in kernels), kernels
+  assert len(kernels) == 7 and all(line.endswith("| pass |") for line in kernels), kernels
   assert "ERROR" not in text and "skipped" not in text
   assert "tiny CLIP (dry run), float32, batch 8 |" in text
-  for label in ("softmax", "clipped", "sink"):
+  for label in ("softmax", "clipped", "sink", "softplus"):
     assert f"K=16 {label} |" in text, label
