@@ -106,3 +106,25 @@ def summary_line(head: str, step: int, m: Mapping[str, Any], fields=SUMMARY_FIEL
     if key in m:
       parts.append(f"{label} {fmt.format(float(m[key]))}")
   return " | ".join(parts)
+
+
+def mean_std_table(results, columns, label: str = "normalizer") -> str:
+  """Markdown table of runs grouped by row name: {row: [metrics of each seed]} and columns
+  (metric key, header, multiplier). Cells are the mean +- sample std over the seeds that have
+  the metric ('-' when none); percentages (multiplier != 1) to one decimal, others to 3
+  significant digits."""
+  header = f"| {label} | seeds | " + " | ".join(c[1] for c in columns) + " |"
+  rows = [header, "|" + "---|" * (len(columns) + 2)]
+  for name, runs in results.items():
+    cells = []
+    for key, _, mult in columns:
+      vals = np.asarray([r[key] for r in runs if key in r], np.float64) * mult
+      if len(vals) == 0:
+        cells.append("-")
+      elif len(vals) == 1:
+        cells.append(f"{vals[0]:.3g}" if mult == 1.0 else f"{vals[0]:.1f}")
+      else:
+        fmt = "{:.3g} ± {:.2g}" if mult == 1.0 else "{:.1f} ± {:.1f}"
+        cells.append(fmt.format(vals.mean(), vals.std(ddof=1)))
+    rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)

@@ -263,22 +263,9 @@ WRITERS = (
 
 
 def table(finals: Mapping[str, Sequence[Mapping[str, float]]], columns) -> str:
-  header = "| remedy | seeds | " + " | ".join(c[1] for c in columns) + " |"
-  rows = [header, "|" + "---|" * (len(columns) + 2)]
-  for name, runs in finals.items():
-    if not runs:
-      continue
-    cells = []
-    for key, _, mult in columns:
-      v = np.asarray([r[key] for r in runs if key in r], np.float64) * mult
-      if len(v) == 0:
-        cells.append("-")
-      elif len(v) == 1:
-        cells.append(f"{v[0]:.3g}")
-      else:
-        cells.append(f"{v.mean():.3g} ± {v.std(ddof=1):.2g}")
-    rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-  return "\n".join(rows)
+  """Markdown table of the final values, mean +- std over seeds (qtx.metrics.mean_std_table)."""
+  from qtx import metrics
+  return metrics.mean_std_table(finals, columns, label="remedy")
 
 
 def plot(histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: str) -> str:

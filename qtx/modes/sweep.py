@@ -148,22 +148,8 @@ def with_step_time(results: dict[str, list[dict]], baseline: str = "softmax"
 
 def table(results: dict[str, list[dict]], columns=COLUMNS) -> str:
   """Markdown table: one row per preset, mean +- sample std over its seeds, '-' when absent."""
-  header = "| normalizer | seeds | " + " | ".join(c[1] for c in columns) + " |"
-  sep = "|" + "---|" * (len(columns) + 2)
-  rows = [header, sep]
-  for name, runs in results.items():
-    cells = []
-    for key, _, mult in columns:
-      vals = np.asarray([r[key] for r in runs if key in r], np.float64) * mult
-      if len(vals) == 0:
-        cells.append("-")
-      elif len(vals) == 1:
-        cells.append(f"{vals[0]:.3g}" if mult == 1.0 else f"{vals[0]:.1f}")
-      else:
-        fmt = "{:.3g} ± {:.2g}" if mult == 1.0 else "{:.1f} ± {:.1f}"
-        cells.append(fmt.format(vals.mean(), vals.std(ddof=1)))
-    rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-  return "\n".join(rows)
+  from qtx import metrics
+  return metrics.mean_std_table(results, columns, label="normalizer")
 
 
 def run(config, workdir: str) -> dict:
