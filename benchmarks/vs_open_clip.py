@@ -1,12 +1,16 @@
 """Training throughput of qtx vs open_clip (PyTorch) on the same tiny architecture and batch, on
-this machine's CPU, measured in one process.
+this machine's CPU, measured in one process with the two sides alternating.
 
-  pip install torch==2.13.0 && pip install open_clip_torch --no-deps   # benchmark only
-  python -m benchmarks.vs_open_clip --batch 128 --steps 10
+  pip install torch --index-url https://download.pytorch.org/whl/cpu
+  pip install open_clip_torch --no-deps                                 # benchmark only
+  python -m benchmarks.vs_open_clip --batch 128 --steps 10 --rounds 5
 
-Both sides: the tiny config's towers (ViT 32 px / patch 4 and a causal text transformer),
-CLIP InfoNCE loss, AdamW, float32, one full train step (forward, backward, update) per
-iteration. Prints samples/s of each and the ratio qtx / open_clip.
+Both sides: the tiny config's towers (ViT 64 px / patch 8 and a causal text transformer), the
+same exact-erf GELU (open_clip's nn.GELU; qtx's activation='gelu'), CLIP InfoNCE loss, AdamW
+with global-norm clipping, float32, one full train step (forward, backward, update) per
+iteration. After compiling / warming up both, each round times `--steps` steps of one side and
+then of the other (the order alternates between rounds); it prints each side's samples/s
+(median and min-max over rounds) and the median of the per-round ratios qtx / open_clip.
 """
 from __future__ import annotations
 
@@ -17,12 +21,33 @@ import time
 import numpy as np
 
 
-def qtx_samples_per_s(config, steps):
-  from benchmarks.train_step import measure
-  return measure(config, steps)["samples_per_s"]
+def qtx_stepper(config):
+  """A callable running one qtx train step (blocked on its result)."""
+  import jax
+  from qtx import parallel
+  from qtx import run as run_lib
+  from qtx.modes import train as train_mode
+  s = run_lib.build(config, train=True)
+  box = [run_lib.init_state(s, 0)]
+  step_fn = train_mode.make_train_step(s)
+  B, im = config.train.batch_size, config.model.image
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 1000, (B, config.model.text.context_length)).astype(np.int32)
+  tokens[:, -1] = 49407
+  batch = parallel.global_batch({
+      "image": rng.integers(0, 256, (B, im.image_size, im.image_size, im.channels), np.uint8),
+      "tokens": tokens}, s.mesh, s.rules)
+  compiled = step_fn.lower(box[0], batch).compile()
+
+  def step():
+    box[0], m = compiled(box[0], batch)
+    jax.block_until_ready(m)
+
+  return step
 
 
-def open_clip_samples_per_s(config, steps, threads):
+def open_clip_stepper(config, threads):
+  """A callable running one open_clip train step."""
   import torch
   import torch.nn.functional as F
   from qtx.weights import open_clip_model_class
@@ -56,34 +81,55 @@ def open_clip_samples_per_s(config, steps, threads):
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
     opt.step()
 
-  for _ in range(2):
-    step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return B / statistics.median(times)
+  return step
 
 
-def main():
+def alternate(steppers: dict, batch: int, steps: int, rounds: int, warmup: int = 2) -> dict:
+  """{name: [samples/s per round]}, the sides alternating (order reversed every round)."""
+  for f in steppers.values():
+    for _ in range(warmup):
+      f()
+  out = {k: [] for k in steppers}
+  names = list(steppers)
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        steppers[name]()
+      out[name].append(batch * steps / (time.perf_counter() - t0))
+  return out
+
+
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="configs/clip_tiny.py")
   p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10, help="steps per side per round")
+  p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   from benchmarks.train_step import load_config
   import jax
+  import torch
+  import open_clip
   config = load_config(args.config)
   config.train.batch_size = args.batch
   config.mesh.num_devices = 1
-  q = qtx_samples_per_s(config, args.steps)
-  o = open_clip_samples_per_s(config, args.steps, args.threads)
-  print(f"device {jax.devices()[0].device_kind} | config {args.config} | batch {args.batch}")
-  print(f"qtx       {q:8.1f} samples/s")
-  print(f"open_clip {o:8.1f} samples/s (torch, {args.threads} threads)")
-  print(f"ratio qtx/open_clip: {q / o:.2f}")
+  config.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
+  for t in (config.model.image, config.model.text):
+    t.activation = "gelu"  # open_clip's nn.GELU (exact erf)
+  res = alternate({"qtx": qtx_stepper(config),
+                   "open_clip": open_clip_stepper(config, args.threads)},
+                  args.batch, args.steps, args.rounds)
+  ratios = [q / o for q, o in zip(res["qtx"], res["open_clip"])]
+  print(f"device {jax.devices()[0].device_kind} | jax {jax.__version__} | torch "
+        f"{torch.__version__} | open_clip {open_clip.__version__} | config {args.config} | "
+        f"batch {args.batch} | {args.rounds} rounds of {args.steps} steps per side")
+  for name, v in res.items():
+    print(f"{name:10s} {statistics.median(v):8.1f} samples/s (min {min(v):.1f}, max {max(v):.1f})")
+  print(f"ratio qtx/open_clip: {statistics.median(ratios):.2f} (rounds: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)})")
+  return res
 
 
 if __name__ == "__main__":
