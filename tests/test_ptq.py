@@ -128,6 +128,19 @@ def test_named_settings_equal_runs_with_their_fields(run, tmp_path):
     config_lib.validate(_config(**{"quant.settings": "w8a8,w3a3"}))
 
 
+def test_named_settings_are_what_their_names_say():
+  """w<W>a<A> in a setting's name is its bit widths; '_token' means dynamic per-token
+  activations, '_channel' per-channel weights; W4 weights are per channel (docs)."""
+  c = _config()
+  for name, fields in quantized.SETTINGS.items():
+    q = quantized.quant_config(c, **fields)
+    assert quantized.bits_label(q) == name.split("_")[0], name
+    assert (q.act_granularity == "per_token") == name.endswith("_token"), name
+    want_channel = name.endswith("_channel") or q.weight_bits < 8
+    assert (q.weight_granularity == "per_channel") == want_channel, name
+  assert set(quantized.SETTINGS) >= {"w8a8", "w8a8_token", "w4a8"}
+
+
 @pytest.fixture(scope="module")
 def calibrated(run):
   """W8A8 model of `run` calibrated on 2 training batches; a third batch is held out."""
