@@ -110,12 +110,12 @@ def test_quantized_metrics_order_by_bits():
 
 def test_study_end_to_end_is_resumable(tmp_path):
   out = tmp_path / "t.md"
-  args = ["--presets", "softmax,clipped_softmax", "--seeds", "0", "--steps", "20",
-          "--eval_every", "10", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+  args = ["--presets", "softmax,clipped_softmax", "--seeds", "0", "--steps", "16",
+          "--eval_every", "8", "--workdir", str(tmp_path / "w"), "--out", str(out)]
   finals = backcopy.main(args)
   assert list(finals) == ["softmax", "clipped_softmax"]
   hist = (tmp_path / "w" / "softmax" / "seed0" / "history.jsonl").read_text().splitlines()
-  assert len(hist) == 3  # steps 0, 10, 20
+  assert len(hist) == 3  # steps 0, 8, 16
   text = out.read_text()
   assert "| softmax | 1 |" in text and "| clipped_softmax | 1 |" in text
   assert "W8A8 loss increase" in text and (tmp_path / "t.png").exists()

@@ -51,16 +51,11 @@ def test_input_pipeline_benchmark_qtx_side_runs():
   assert len(rows["qtx"]) == 1 and rows["qtx"][0] > 0 and rows["open_clip"] == []
 
 
-def test_vs_open_clip_alternates_the_sides_and_the_qtx_stepper_runs():
-  """The comparison alternates (A B, B A, ...) after warming both; the qtx side is a real,
-  compiled train step (the torch side needs torch, installed only for the benchmark)."""
+def test_vs_open_clip_alternates_the_sides():
+  """The comparison alternates (A B, B A, ...) after warming both."""
   from benchmarks import vs_open_clip
   calls = []
   res = vs_open_clip.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                batch=4, steps=2, rounds=3, warmup=1)
   assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
   assert {k: len(v) for k, v in res.items()} == {"a": 3, "b": 3}
-  from conftest import micro_config
-  step = vs_open_clip.qtx_stepper(micro_config())
-  step()
-  step()

@@ -47,14 +47,12 @@ def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   out = tmp_path / "table.md"
   c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax,registers",
                       "sweep.seeds": "0", "sweep.out": str(out), "train.total_steps": 4,
-                      "quant.calib_batches": 1, "quant.outliers_every_steps": 0,
-                      "quant.settings": "w8a8_token"})
+                      "quant.calib_batches": 1, "quant.outliers_every_steps": 0})
   res = modes.run(c, str(tmp_path / "sw"))
   run_dir = tmp_path / "sw" / "softmax" / "seed0"
   done = json.load(open(run_dir / "done.json"))
   assert res["softmax"] == [done]
-  for k in ("ptq/w8a8_zeroshot_top1", "ptq/w8a8_token_zeroshot_top1", "eval/zeroshot_top1",
-            "attn/image/null_mass"):
+  for k in ("ptq/w8a8_zeroshot_top1", "eval/zeroshot_top1", "attn/image/null_mass"):
     assert k in done, k
   assert "attn/image/register_mass" in res["registers"][0]
   # the registers row trained with model.image.registers = 4
@@ -62,7 +60,7 @@ def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   assert saved["model"]["image"]["registers"] == 4
   text = out.read_text()
   assert "| softmax | 1 |" in text and "| registers | 1 |" in text
-  assert "W8A8_TOKEN zero-shot top-1 (%)" in text and "image mass on registers" in text
+  assert "W8A8 zero-shot top-1 (%)" in text and "image mass on registers" in text
   mech = text.split("### Mechanism")[1].split("### Cost")[0]
   softmax_row = next(line for line in mech.splitlines() if line.startswith("| softmax |"))
   assert softmax_row.endswith("| 1 |")  # its own step time relative to itself
