@@ -62,3 +62,27 @@ def test_loss_and_gradients_pallas_equal_xla(preset, gamma):
   # ... and both backward passes give them alike, to float32 rounding of the sums
   scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_xla))
   chex.assert_trees_all_close(g_pallas, g_xla, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("normalizer", ["clipped_softmax", "softmax_sink", "softplus"])
+def test_quantized_attention_with_pallas_equals_xla(normalizer):
+  """Under fake quantization the scores are quantized before the normalizer, so the fused
+  kernel cannot run: clipped softmax takes the two-pass softmax kernel, the sink and softplus
+  (arguments that kernel does not take) the XLA normalizer. Either way the quantized module
+  computes what impl='xla' does."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from qtx.nn.attention import AttentionConfig, MultiHeadAttention
+  from qtx.quant.layers import QUANT_STATS, QuantConfig
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  kw = {"gamma": -0.05} if normalizer == "clipped_softmax" else {}
+  quant = QuantConfig(enabled=True)
+  out = {}
+  for impl in ("xla", "pallas"):
+    mha = MultiHeadAttention(2, AttentionConfig(normalizer=normalizer, impl=impl, **kw),
+                             causal=True, quant=quant)
+    v = nn.meta.unbox(mha.init(jax.random.key(1), x))
+    _, upd = mha.apply(v, x, mutable=[QUANT_STATS])
+    out[impl] = mha.apply({"params": v["params"], **upd}, x)
+  np.testing.assert_allclose(out["pallas"], out["xla"], rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(out["xla"]))) > 1e-3

@@ -123,6 +123,14 @@ def test_named_settings_equal_runs_with_their_fields(run, tmp_path):
   with pytest.raises(ValueError, match="quant.settings: unknown setting"):
     from qtx import config_lib
     config_lib.validate(_config(**{"quant.settings": "w8a8,w3a3"}))
+  # the config's own setting in the list: skipped when it is the same, refused when it is not
+  c = _config(**{"quant.settings": "w8a8,w8a8_token"})
+  q = quantized.quant_config(c)
+  assert ptq_mode._named_settings(c, quantized.bits_label(q), q) == ["w8a8_token"]
+  c.quant.weight_granularity = "per_channel"
+  q = quantized.quant_config(c)
+  with pytest.raises(ValueError, match="'w8a8', the label of the config's own setting"):
+    ptq_mode._named_settings(c, quantized.bits_label(q), q)
 
 
 def test_named_settings_are_what_their_names_say():

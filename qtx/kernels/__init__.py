@@ -13,6 +13,8 @@ runs them on its own batch and head shard (`sharding`). `reference` holds pure-j
 """
 from qtx.kernels import reference
 from qtx.kernels.attention import two_pass_attention
+from qtx.kernels.softmax import NORMALIZER_ARGS as SOFTMAX_NORMALIZER_ARGS
 from qtx.kernels.softmax import logsumexp, two_pass_softmax
 
-__all__ = ["reference", "two_pass_attention", "two_pass_softmax", "logsumexp"]
+__all__ = ["reference", "two_pass_attention", "two_pass_softmax", "logsumexp",
+           "SOFTMAX_NORMALIZER_ARGS"]

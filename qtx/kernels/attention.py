@@ -826,68 +826,46 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
   if sum(x is not None for x in (gamma, sink, softplus_p)) > 1:
     raise ValueError("two_pass_attention takes one of gamma (clipped softmax), sink (softmax "
                      "with a sink) and softplus_p (softplus attention), not several")
+  plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
+  km = None
+  if key_mask_BxS is not None:
+    key_mask_BxS = jnp.asarray(key_mask_BxS).astype(bool)
+    if key_mask_BxS.shape != (B, S):
+      raise ValueError(f"key_mask_BxS must have shape ({B}, {S}), got {key_mask_BxS.shape}")
+    km = key_mask_BxS.astype(jnp.int32)[:, None, :]
+  rows = lambda x, name, hint="": _row_array(x, name, (B, H, T, 1), hint)
+  dims = [(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)]  # q, k, v, mask, 2 row arrays
   if softplus_p is not None:
-    return _softplus_entry(q, k, v, causal, key_mask_BxS, float(softplus_p), float(softplus_eps),
-                           scale, interpret, block_q, block_k)
-  scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
-  plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
-  km = None
-  if key_mask_BxS is not None:
-    key_mask_BxS = jnp.asarray(key_mask_BxS)
-    if key_mask_BxS.shape != (B, S):
-      raise ValueError(f"key_mask_BxS must have shape ({B}, {S}), got {key_mask_BxS.shape}")
-    km = key_mask_BxS.astype(bool).astype(jnp.int32)[:, None, :]
-  g = None
-  if gamma is not None:
-    g = jnp.asarray(gamma, jnp.float32)
-    try:
-      g = jnp.broadcast_to(g, (B, H, T, 1))
-    except ValueError:
-      raise ValueError(f"gamma of shape {g.shape} does not broadcast to B x H x T x 1 = "
-                       f"({B}, {H}, {T}, 1)") from None
-  b = None
-  if sink is not None:
-    b = jnp.asarray(sink, jnp.float32)
-    try:
-      b = jnp.broadcast_to(b, (B, H, T, 1))
-    except ValueError:
-      raise ValueError(f"sink of shape {b.shape} does not broadcast to B x H x T x 1 = "
-                       f"({B}, {H}, {T}, 1); per head it is (H, 1, 1)") from None
-  st = _Static(plan, T, S, K, bool(causal), scale, float(zeta))
+    p, eps = float(softplus_p), float(softplus_eps)
+    if not p > 0:
+      raise ValueError(f"softplus_p must be > 0, got {p}")
+    if not eps > 0:
+      raise ValueError(f"softplus_eps must be > 0, got {eps}")
+    n = jnp.full((1, 1, T, 1), float(S), jnp.float32)  # keys each row sees
+    if causal:
+      n = jnp.minimum(n, (jnp.arange(T, dtype=jnp.float32) + 1.0 + (S - T))[None, None, :, None])
+    if km is not None:
+      n = jnp.minimum(n, jnp.sum(key_mask_BxS, -1, dtype=jnp.float32)[:, None, None, None])
+    n = jnp.broadcast_to(n, (B, H, T, 1))
+    rs = rows(math.log(K) * jnp.log(jnp.maximum(n, 2.0)) if scale is None else scale, "scale")
+    st = _Static(plan, T, S, K, bool(causal), 1.0, 1.0, softplus_p=p, softplus_eps=eps)
+    fn, extra = _softplus_attention, [rs, n]
+  else:
+    g = None if gamma is None else rows(gamma, "gamma")
+    b = None if sink is None else rows(sink, "sink", "; per head it is (H, 1, 1)")
+    scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
+    st = _Static(plan, T, S, K, bool(causal), scale, float(zeta))
+    fn, extra = _attention, [g, b]
   # per device under a mesh: batch over the data axes, heads over the tensor axis
-  return sharding.sharded_call(lambda *a: _attention(*a, st), [q, k, v, km, g, b],
-                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)],
+  return sharding.sharded_call(lambda *a: fn(*a, st), [q, k, v, km] + extra, dims=dims,
                                out_dims=(0, 2), out_ndim=4, batch=B, heads=H)
 
 
-def _softplus_entry(q, k, v, causal, key_mask_BxS, p, eps, scale, interpret, block_q, block_k):
-  B, T, H, K = q.shape
-  S = k.shape[1]
-  if not p > 0:
-    raise ValueError(f"softplus_p must be > 0, got {p}")
-  if not eps > 0:
-    raise ValueError(f"softplus_eps must be > 0, got {eps}")
-  plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
-  n = jnp.full((1, 1, T, 1), float(S), jnp.float32)  # keys each row sees
-  if causal:
-    n = jnp.minimum(n, (jnp.arange(T, dtype=jnp.float32) + 1.0 + (S - T))[None, None, :, None])
-  km = None
-  if key_mask_BxS is not None:
-    key_mask_BxS = jnp.asarray(key_mask_BxS)
-    if key_mask_BxS.shape != (B, S):
-      raise ValueError(f"key_mask_BxS must have shape ({B}, {S}), got {key_mask_BxS.shape}")
-    km = key_mask_BxS.astype(bool).astype(jnp.int32)[:, None, :]
-    n = jnp.minimum(n, jnp.sum(key_mask_BxS.astype(bool), -1, dtype=jnp.float32)[
-        :, None, None, None])
-  n = jnp.broadcast_to(n, (B, H, T, 1))
-  if scale is None:
-    scale = math.log(K) * jnp.log(jnp.maximum(n, 2.0))
+def _row_array(x, name: str, shape, hint: str = ""):
+  """x (a scalar or an array broadcastable to B x H x T x 1) as float32 of that shape."""
+  x = jnp.asarray(x, jnp.float32)
   try:
-    rs = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (B, H, T, 1))
+    return jnp.broadcast_to(x, shape)
   except ValueError:
-    raise ValueError(f"scale of shape {jnp.shape(scale)} does not broadcast to B x H x T x 1 = "
-                     f"({B}, {H}, {T}, 1)") from None
-  st = _Static(plan, T, S, K, bool(causal), 1.0, 1.0, softplus_p=p, softplus_eps=eps)
-  return sharding.sharded_call(lambda *a: _softplus_attention(*a, st), [q, k, v, km, rs, n],
-                               dims=[(0, 2), (0, 2), (0, 2), (0, None), (0, 1), (0, 1)],
-                               out_dims=(0, 2), out_ndim=4, batch=B, heads=H)
+    raise ValueError(f"{name} of shape {x.shape} does not broadcast to B x H x T x 1 = "
+                     f"{tuple(shape)}{hint}") from None

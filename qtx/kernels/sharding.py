@@ -36,7 +36,7 @@ def _fit(mesh, names: Sequence[str], n: int) -> tuple[str, ...]:
   for a in names:
     if a not in types or types[a] == AxisType.Manual:
       continue
-    k = dict(zip(mesh.axis_names, mesh.axis_sizes))[a]
+    k = mesh.shape[a]
     if k > 1 and n % (size * k) == 0:
       axes.append(a)
       size *= k

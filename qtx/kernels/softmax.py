@@ -38,6 +38,10 @@ from qtx.kernels import sharding
 
 Array = jax.Array
 
+# The normalizer arguments two_pass_softmax takes (a normalizer whose kernel arguments go beyond
+# these, e.g. a sink or softplus re-weighting, runs only in the two-pass attention kernel).
+NORMALIZER_ARGS = frozenset({"gamma", "zeta"})
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # ln 2 split so that e * LN2_HI is exact for integers |e| < 2**14 (|x| up to ~1.1e4; beyond that

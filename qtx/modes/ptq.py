@@ -135,13 +135,28 @@ def _calibrate_timed(config, s: Run, qmodel: CLIP, params, keep_batches: bool):
       "ptq/calib_overhead": calib_step / fp_step}
 
 
-def _evaluate_setting(config, s: Run, params, name: str, task):
+def _named_settings(config, label: str, qcfg) -> list[str]:
+  """quant.settings without the config's own setting; a named setting that has the config's
+  label (e.g. 'w8a8') but other fields would overwrite its metrics and is refused."""
+  names = []
+  for name in setting_names(config.quant.get("settings", "")):
+    if name == label:
+      if quant_config(config, **SETTINGS[name]) != qcfg:
+        raise ValueError(f"quant.settings names {name!r}, the label of the config's own "
+                         f"setting ({qcfg}), with other fields; drop it from quant.settings or "
+                         "change the config's quant block")
+      continue
+    names.append(name)
+  return names
+
+
+def _evaluate_setting(config, params, name: str, task, batches):
   """(metrics ptq/<name>_<metric>, eval seconds) of one named setting (quant.settings),
-  calibrated on the same batches as the main one."""
+  calibrated on `batches`, the main setting's."""
   qm = build_model(config, quant=quant_config(config, **SETTINGS[name]))
   stats = init_quant_stats(qm, config, config.seed)
   if jax.tree.leaves(stats):
-    stats, _ = calibrate(qm, params, stats, iter_calibration_batches(config, s))
+    stats, _ = calibrate(qm, params, stats, batches)
   return quantized_metrics(qm, params, stats, task, config.eval.batch_size, prefix=f"ptq/{name}_")
 
 
@@ -190,8 +205,10 @@ def run(config, workdir: str, ablate: bool | None = None) -> dict:
   task = pipeline.eval_task(config)
   bs = config.eval.batch_size
 
-  # The ablation calibrates again (float weights), so it keeps the batches.
-  stats, batches, metrics = _calibrate_timed(config, s, qmodel, params, keep_batches=ablate)
+  # The ablation and the named settings calibrate again, so they keep the batches.
+  settings = _named_settings(config, label, qcfg)
+  stats, batches, metrics = _calibrate_timed(config, s, qmodel, params,
+                                             keep_batches=ablate or bool(settings))
   enc_i, enc_t = run_lib.make_encoders(s)
   fp, fp_sec = timed_evaluate(lambda x: enc_i(params, x), lambda x: enc_t(params, x), task, bs,
                               prefix="ptq/fp_")
@@ -204,8 +221,10 @@ def run(config, workdir: str, ablate: bool | None = None) -> dict:
       config.model.image.get("registers", 0)))
 
   rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
-  for name in setting_names(config.quant.get("settings", "")):
-    m, sec = _evaluate_setting(config, s, params, name, task)
+  if settings and batches is None:  # nothing was calibrated for the main setting
+    batches = calibration_batches(config, s)
+  for name in settings:
+    m, sec = _evaluate_setting(config, params, name, task, batches)
     metrics.update({**m, f"ptq/{name}_eval_seconds": sec})
     rows[name] = _strip(m, f"ptq/{name}_")
   ablation = None

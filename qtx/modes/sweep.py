@@ -50,7 +50,7 @@ MECHANISM = (
     ("attn/image/register_mass", "image mass on registers", 1.0),
     ("attn/text/null_mass", "text mass on no key", 1.0),
     ("attn/text/first_key_mass", "text mass on start token", 1.0),
-    ("step_time_vs_softmax", "train step time vs softmax", 1.0),
+    (STEP_TIME, "train step time vs softmax", 1.0),
 )
 
 EXTRA = (

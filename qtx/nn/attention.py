@@ -235,9 +235,8 @@ class MultiHeadAttention(nn.Module):
           scale, jnp.float32).astype(q_BxTxHxK.dtype)
       s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
           s_BxHxTxS, valid_scores)
-      # the two-pass softmax kernel has no sink term and no softplus re-weighting
-      if pallas and not {"sink", "softplus_p"} & set(kernel_args):
-        from qtx import kernels
+      from qtx import kernels
+      if pallas and set(kernel_args) <= kernels.SOFTMAX_NORMALIZER_ARGS:
         p_BxHxTxS = kernels.two_pass_softmax(s_BxHxTxS, where=where, **kernel_args)
       else:
         p_BxHxTxS = norm(s_BxHxTxS.astype(jnp.float32), where=where, n_keys=n_keys, **learned)
