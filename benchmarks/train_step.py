@@ -75,18 +75,23 @@ def profile_ops(compiled, state, batch, steps: int) -> dict[str, float]:
       return op_time_by_kind(json.load(f)["traceEvents"], steps)
 
 
+def random_batch(config, s):
+  """A global batch of random uint8 images and tokens (end-of-text last) for `config`."""
+  B, im = config.train.batch_size, config.model.image
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 1000, (B, config.model.text.context_length)).astype(np.int32)
+  tokens[:, -1] = 49407
+  return parallel.global_batch({
+      "image": rng.integers(0, 256, (B, im.image_size, im.image_size, im.channels), np.uint8),
+      "tokens": tokens}, s.mesh, s.rules)
+
+
 def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
   s = run_lib.build(config, train=True)
   state = run_lib.init_state(s, 0)
   step_fn = train_mode.make_train_step(s)
   B = config.train.batch_size
-  im = config.model.image
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(1, 1000, (B, config.model.text.context_length)).astype(np.int32)
-  tokens[:, -1] = 49407
-  batch = parallel.global_batch({
-      "image": rng.integers(0, 256, (B, im.image_size, im.image_size, im.channels), np.uint8),
-      "tokens": tokens}, s.mesh, s.rules)
+  batch = random_batch(config, s)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

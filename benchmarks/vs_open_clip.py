@@ -24,19 +24,13 @@ import numpy as np
 def qtx_stepper(config):
   """A callable running one qtx train step (blocked on its result)."""
   import jax
-  from qtx import parallel
+  from benchmarks.train_step import random_batch
   from qtx import run as run_lib
   from qtx.modes import train as train_mode
   s = run_lib.build(config, train=True)
   box = [run_lib.init_state(s, 0)]
   step_fn = train_mode.make_train_step(s)
-  B, im = config.train.batch_size, config.model.image
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(1, 1000, (B, config.model.text.context_length)).astype(np.int32)
-  tokens[:, -1] = 49407
-  batch = parallel.global_batch({
-      "image": rng.integers(0, 256, (B, im.image_size, im.image_size, im.channels), np.uint8),
-      "tokens": tokens}, s.mesh, s.rules)
+  batch = random_batch(config, s)
   compiled = step_fn.lower(box[0], batch).compile()
 
   def step():
