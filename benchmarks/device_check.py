@@ -95,7 +95,6 @@ def correctness_rows(dry: bool) -> list[list[str]]:
   R, N = (16, 260) if dry else (4096, 1024)
   x = 4 * jax.random.normal(rng[0], (R, N))
   where = jax.random.uniform(rng[1], (R, N)) < 0.8
-  g = jax.random.normal(rng[2], (R, N))
 
   def err(f, f_ref, *a):
     out, vjp = jax.vjp(f, *a)

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from qtx import config_lib, optim
-from qtx.data.bigram_backcopy import BOS, BigramBackcopy
+from qtx.data.bigram_backcopy import BigramBackcopy
 from qtx.nn.attention import AttentionConfig
 from qtx.nn.causal_lm import CausalLM
 from qtx.quant import outliers
@@ -112,7 +112,6 @@ def make_probe(model: CausalLM, depth: int):
     dormant = f((~trig) & q[None])  # B x T
     active = f(trig & q[None])
     causal = jnp.tril(jnp.ones((T, T), bool))
-    is_bos = jnp.arange(T) == 0
 
     def mean_over(x_BxT, w_BxT):
       return jnp.sum(x_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)

@@ -597,8 +597,9 @@ def _pallas(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name):
                                           semantics=("parallel", "parallel", "parallel")))
 
 
-def _common_inputs(st: _Static, q, k, v, km, gamma, q_blocked: bool, sink=None):
-  """Kernel-layout q, k, v, key mask, gamma, sink and their specs (q blocked or k blocked)."""
+def _common_inputs(st: _Static, q, k, v, km, rows, q_blocked: bool):
+  """Kernel-layout q, k, v, key mask and the per-row arrays `rows` (B x H x T x 1 each: gamma,
+  sink, softplus statistics; None entries are skipped), with their specs (q or k blocked)."""
   plan = st.plan
   bq, bk = plan.block_q, plan.block_k
   Tb, Sb = _padded_len(st.T, bq), _padded_len(st.S, bk)
@@ -609,9 +610,9 @@ def _common_inputs(st: _Static, q, k, v, km, gamma, q_blocked: bool, sink=None):
   if km is not None:
     args.append(_km_in(km, plan))
     specs.append(_km_spec(Sb if q_blocked else bk, not q_blocked))
-  for rows in (gamma, sink):
-    if rows is not None:
-      args.append(_rows_in(rows, plan, bq))
+  for r in rows:
+    if r is not None:
+      args.append(_rows_in(r, plan, bq))
       specs.append(_row_spec(bq if q_blocked else Tb, q_blocked))
   return args, specs
 
@@ -628,7 +629,7 @@ def _forward(st: _Static, q, k, v, km, gamma, sink=None):
   B, _, H, _ = q.shape
   bq = plan.block_q
   Tk = st.T if plan.masked else _padded_len(st.T, bq)
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True, sink=sink)
+  args, in_specs = _common_inputs(st, q, k, v, km, (gamma, sink), q_blocked=True)
   kernel = functools.partial(_forward_kernel, st=st, has_mask=km is not None,
                              clip=gamma is not None, sink=sink is not None)
   out, lse = _pallas(
@@ -652,7 +653,7 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
   do_k = _seq_in(do, plan, bq)
   row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
 
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=True, sink=sink)
+  args, in_specs = _common_inputs(st, q, k, v, km, (gamma, sink), q_blocked=True)
   args += [lse_k, do_k]
   in_specs += [_row_spec(bq, True), _seq_spec(plan, bq, True)]
   if not clip:
@@ -669,7 +670,7 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
   dgamma = _rows_out(outs[2], st.T, plan) if clip else None
   dsink = _rows_out(outs[2], st.T, plan) if has_sink else None
 
-  args, in_specs = _common_inputs(st, q, k, v, km, gamma, q_blocked=False, sink=sink)
+  args, in_specs = _common_inputs(st, q, k, v, km, (gamma, sink), q_blocked=False)
   args += [lse_k, do_k, delta]
   in_specs += [_row_spec(Tb, False), _seq_spec(plan, Tb, False), _row_spec(Tb, False)]
   dk, dv = _pallas(functools.partial(_dkdv_kernel, st=st, has_mask=km is not None, clip=clip,
@@ -682,25 +683,13 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
           dsink)
 
 
-def _sp_inputs(st: _Static, q, k, v, km, rows, q_blocked: bool):
-  """Kernel-layout q, k, v, key mask and the row statistics `rows` (B x H x T x 1 each)."""
-  plan = st.plan
-  bq, bk = plan.block_q, plan.block_k
-  Tb = _padded_len(st.T, bq)
-  args, specs = _common_inputs(st, q, k, v, km, None, q_blocked)
-  for r in rows:
-    args.append(_rows_in(r, plan, bq))
-    specs.append(_row_spec(bq if q_blocked else Tb, q_blocked))
-  return args, specs
-
-
 def _sp_forward(st: _Static, q, k, v, km, rs, n):
   """(out, den = sum S + eps, lse of the pass-2 softmax; the last two B x H x T x 1)."""
   plan = st.plan
   B, _, H, _ = q.shape
   bq = plan.block_q
   Tk = st.T if plan.masked else _padded_len(st.T, bq)
-  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n), q_blocked=True)
+  args, in_specs = _common_inputs(st, q, k, v, km, (rs, n), q_blocked=True)
   row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
   out, den, lse = _pallas(
       functools.partial(_sp_forward_kernel, st=st, has_mask=km is not None), st,
@@ -718,7 +707,7 @@ def _sp_backward(st: _Static, q, k, v, km, rs, n, out, den, lse, do):
   Sk = st.S if plan.masked else _padded_len(st.S, bk)
   Tb = _padded_len(st.T, bq)
   row = jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)
-  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=True)
+  args, in_specs = _common_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=True)
   args += [_seq_in(do, plan, bq), _seq_in(out, plan, bq)]
   in_specs += [_seq_spec(plan, bq, True)] * 2
   dq, D, E = _pallas(
@@ -726,7 +715,7 @@ def _sp_backward(st: _Static, q, k, v, km, rs, n, out, den, lse, do):
       (B, H, pl.cdiv(Tk, bq)), in_specs,
       [_seq_spec(plan, bq, True), _row_spec(bq, True), _row_spec(bq, True)],
       [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_bwd_dq")(*args)
-  args, in_specs = _sp_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=False)
+  args, in_specs = _common_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=False)
   args += [_seq_in(do, plan, bq), D, E]
   in_specs += [_seq_spec(plan, Tb, False), _row_spec(Tb, False), _row_spec(Tb, False)]
   dk, dv = _pallas(
