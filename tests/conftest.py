@@ -1,7 +1,22 @@
 """Test set-up: 8 simulated CPU devices (for sharding tests), quiet logs, small tiny configs."""
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "")
+# The tests run tiny programs a few steps each, so XLA's compile time dominates the suite:
+# compile without the backend's optimisation passes (the same HLO, the same semantics), and
+# share compiled programs between tests and worker processes (subprocesses inherit both) through
+# a compilation cache that lives for this run only, so every run compiles from scratch once.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="qtx-tests-jit-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

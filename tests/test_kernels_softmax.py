@@ -55,7 +55,9 @@ def test_matches_reference_with_mask(T, clipped):
   np.testing.assert_array_equal(np.asarray(y == 0), np.asarray(y_r == 0))
   assert not np.any(np.asarray(y)[~np.asarray(where)]), "masked entries must be exactly 0"
   np.testing.assert_array_equal(np.asarray(y[0, 0]), 0.0)
-  chex.assert_trees_all_close(grads, grads_r, atol=1e-6)
+  chex.assert_trees_all_close(grads[0], grads_r[0], atol=1e-6)
+  # d gamma sums 3 x 5 x T terms: float32 round-off of the sum, relative
+  chex.assert_trees_all_close(grads[1], grads_r[1], rtol=1e-5, atol=1e-6)
   if clipped and T >= 7:
     n_clipped = int(jnp.sum((y == 0) & where))
     assert n_clipped > 0, "the test should exercise the clip's zero-gradient region"

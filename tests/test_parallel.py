@@ -73,7 +73,13 @@ def test_sharded_loss_and_grads_equal_single_device(preset, shape, rules):
   loss8, g8, s8, state8 = _loss_and_grads(c8, batch)
   # float32; only the order of reductions differs between the meshes
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-  chex.assert_trees_all_close(g8, g1, rtol=2e-4, atol=1e-5)
+  # round-off of a reordered float32 sum scales with the leaf's largest entries, not each one's
+  flat1 = jax.tree_util.tree_flatten_with_path(g1)[0]
+  for (path, a), (path1, b) in zip(jax.tree_util.tree_flatten_with_path(g8)[0], flat1):
+    assert path == path1
+    scale = max(1.0, float(np.max(np.abs(b))))
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
   # params really are sharded as the rules say
   specs = jax.tree.map(lambda x: x.sharding.spec, state8.params)
   qk = specs["visual"]["encoder"]["block_0"]["attn"]["query"]["kernel"]
