@@ -7,7 +7,7 @@
       --set model.image.attention.softplus_p=1.0000001 --set model.text.attention.softplus_p=1.0000001
 
 Prints steps/s, samples/s, model TFLOP/s per device (analytic FLOPs, and XLA's count of the
-compiled step), MFU against the device's peak (none on CPU), and memory per device. The
+compiled step), MFU against the device's peak (none on CPU), memory per device and host page faults per step. The
 baseline row is the same config with impl='xla' float32, measured in the same process, so
 every other row reads as a ratio to it. `--set KEY=VALUE` (repeatable) changes the measured row
 only, so a config option can be compared against the config as it is.
@@ -29,6 +29,7 @@ import glob
 import gzip
 import json
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -99,11 +100,13 @@ def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   times = []
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     t0 = time.perf_counter()
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
   dt = statistics.median(times)
   ops = profile_ops(compiled, state, batch, op_profile) if op_profile else None
   n_dev = s.mesh.devices.size
@@ -121,7 +124,7 @@ def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
   return {"step_s": dt, "steps_per_s": 1 / dt, "samples_per_s": B / dt, "tflops": tflops,
           "xla_tflops": (xla_flops / dt / n_dev / 1e12) if xla_flops else None,
           "mfu": tflops / peak if peak else None, "mem_gib": mem / 2**30 if mem else None,
-          "compile_s": compile_s, "devices": n_dev, "ops": ops}
+          "compile_s": compile_s, "devices": n_dev, "ops": ops, "faults": faults}
 
 
 def main():
@@ -169,11 +172,11 @@ def main():
   base = rows[0][1]["step_s"]
   fmt = lambda v, f: "-" if v is None else f.format(v)
   print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
-        f"{'XLA TFLOP/s':>11s} {'MFU':>6s} {'mem GiB':>8s} {'speedup':>8s}")
+        f"{'XLA TFLOP/s':>11s} {'MFU':>6s} {'mem GiB':>8s} {'faults/step':>11s} {'speedup':>8s}")
   for name, r in rows:
     print(f"{name:42s} {r['step_s'] * 1e3:9.1f} {r['samples_per_s']:10.1f} "
           f"{r['tflops']:11.3f} {fmt(r['xla_tflops'], '{:11.3f}'):>11s} "
-          f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
+          f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} {r['faults']:11.0f} "
           f"{base / r['step_s']:8.2f}x")
   if args.op_profile:
     print_op_table(rows)
@@ -192,4 +195,6 @@ def print_op_table(rows, top: int = 20) -> None:
 
 
 if __name__ == "__main__":
+  from qtx import hostmem
+  hostmem.maybe_reuse_freed_memory()  # as python -m qtx.main does on the CPU
   main()

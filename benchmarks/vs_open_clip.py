@@ -127,4 +127,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from qtx import hostmem
+  hostmem.maybe_reuse_freed_memory()  # as python -m qtx.main does on the CPU
   main()

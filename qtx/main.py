@@ -69,4 +69,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from qtx import hostmem
+  hostmem.maybe_reuse_freed_memory()  # before JAX starts its CPU threads
   app.run(main)

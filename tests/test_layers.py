@@ -12,7 +12,7 @@ PKG = os.path.join(ROOT, "qtx")
 # Lowest first; a module may import modules of its own layer or of lower ones.
 LAYERS = (
     ("kernels", "quant", "parallel", "sharded_losses", "optim", "checkpoint", "metrics",
-     "distributed", "flops", "data"),
+     "distributed", "flops", "data", "hostmem"),
     ("nn", "losses"),
     ("evaluate", "weights"),
     ("config_lib",),
