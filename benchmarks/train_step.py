@@ -7,8 +7,8 @@
       --set model.image.attention.softplus_p=1.0000001 --set model.text.attention.softplus_p=1.0000001
 
 Prints steps/s, samples/s, model TFLOP/s per device (analytic FLOPs, and XLA's count of the
-compiled step), MFU against the device's peak (none on CPU), memory per device and host page faults per step. The
-baseline row is the same config with impl='xla' float32, measured in the same process, so
+compiled step), MFU against the device's peak (none on CPU), memory per device, host page
+faults per step and the compile time. The baseline row is the same config with impl='xla' float32, measured in the same process, so
 every other row reads as a ratio to it. `--set KEY=VALUE` (repeatable) changes the measured row
 only, so a config option can be compared against the config as it is.
 
@@ -172,12 +172,13 @@ def main():
   base = rows[0][1]["step_s"]
   fmt = lambda v, f: "-" if v is None else f.format(v)
   print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
-        f"{'XLA TFLOP/s':>11s} {'MFU':>6s} {'mem GiB':>8s} {'faults/step':>11s} {'speedup':>8s}")
+        f"{'XLA TFLOP/s':>11s} {'MFU':>6s} {'mem GiB':>8s} {'faults/step':>11s} "
+        f"{'compile s':>9s} {'speedup':>8s}")
   for name, r in rows:
     print(f"{name:42s} {r['step_s'] * 1e3:9.1f} {r['samples_per_s']:10.1f} "
           f"{r['tflops']:11.3f} {fmt(r['xla_tflops'], '{:11.3f}'):>11s} "
-          f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} {r['faults']:11.0f} "
-          f"{base / r['step_s']:8.2f}x")
+          f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
+          f"{r['faults']:11.0f} {r['compile_s']:9.1f} {base / r['step_s']:8.2f}x")
   if args.op_profile:
     print_op_table(rows)
 

@@ -43,13 +43,12 @@ def test_reused_memory_is_not_page_faulted_again():
   assert reused < plain / 10, (plain, reused)
 
 
-def test_cpu_only_reads_jax_platforms(monkeypatch):
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setattr(hostmem.sys, "modules", {k: v for k, v in sys.modules.items()
-                                               if k != "jax"})
-  assert hostmem.cpu_only()
-  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-  assert not hostmem.cpu_only()
+def test_cpu_only_from_the_platforms_or_the_installed_plugins():
+  assert hostmem.cpu_only("cpu") and hostmem.cpu_only(" cpu, ")
+  assert not hostmem.cpu_only("cuda,cpu") and not hostmem.cpu_only("tpu")
+  # nothing named: an installed accelerator plugin (numpy stands for one) means not CPU-only
+  assert not hostmem.cpu_only("", plugins=("no_such_plugin_x", "numpy"))
+  assert hostmem.cpu_only("", plugins=("no_such_plugin_x",))
 
 
 def test_the_switch_turns_it_off(monkeypatch):

@@ -331,4 +331,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from qtx import hostmem
+  hostmem.maybe_reuse_freed_memory()  # a CPU study: as python -m qtx.main does
   main()
