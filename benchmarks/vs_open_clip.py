@@ -104,8 +104,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   from benchmarks.train_step import load_config
   import jax
+  import importlib.metadata
   import torch
-  import open_clip
+  open_clip_version = importlib.metadata.version("open_clip_torch")  # no import: torchvision-free
   config = load_config(args.config)
   config.train.batch_size = args.batch
   config.mesh.num_devices = 1
@@ -117,7 +118,7 @@ def main(argv=None):
                   args.batch, args.steps, args.rounds)
   ratios = [q / o for q, o in zip(res["qtx"], res["open_clip"])]
   print(f"device {jax.devices()[0].device_kind} | jax {jax.__version__} | torch "
-        f"{torch.__version__} | open_clip {open_clip.__version__} | config {args.config} | "
+        f"{torch.__version__} | open_clip {open_clip_version} | config {args.config} | "
         f"batch {args.batch} | {args.rounds} rounds of {args.steps} steps per side")
   for name, v in res.items():
     print(f"{name:10s} {statistics.median(v):8.1f} samples/s (min {min(v):.1f}, max {max(v):.1f})")

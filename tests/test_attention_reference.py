@@ -155,3 +155,30 @@ def test_gate_changes_the_output_on_non_zero_input():
   bias = np.asarray(params["out"]["bias"])
   ratio = (gated - bias) / (ungated - bias)
   assert np.std(ratio) > 1e-2  # a constant 0.25 would give std 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_matmul_gradients_equal_autodiff_of_einsum(dtype):
+  """The two attention matmuls carry their own backward pass (each gradient a matmul whose
+  contracted axis is minor, which XLA's CPU matmul library takes without a slow path); it
+  must equal autodiff of the plain einsums, here with T != S so a swapped axis shows."""
+  from qtx.nn import attention
+  Bq, Tq, S, Hq, Kq = 2, 5, 7, 3, 4
+  ks = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(ks[0], (Bq, Tq, Hq, Kq)).astype(dtype)
+  k = jax.random.normal(ks[1], (Bq, S, Hq, Kq)).astype(dtype)
+  v = jax.random.normal(ks[2], (Bq, S, Hq, Kq)).astype(dtype)
+  p = jax.nn.softmax(jax.random.normal(ks[3], (Bq, Hq, Tq, S))).astype(dtype)
+  g_s = jax.random.normal(ks[4], (Bq, Hq, Tq, S)).astype(dtype)
+  g_c = jax.random.normal(ks[4], (Bq, Tq, Hq, Kq)).astype(dtype)
+  for fn, ref, args, g in [
+      (attention._scores, lambda a, b: jnp.einsum("bthk,bshk->bhts", a, b), (q, k), g_s),
+      (attention._context, lambda a, b: jnp.einsum("bhts,bshk->bthk", a, b), (p, v), g_c)]:
+    out, vjp = jax.vjp(fn, *args)
+    out_ref, vjp_ref = jax.vjp(ref, *args)
+    np.testing.assert_array_equal(out, out_ref)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for got, want in zip(vjp(g), vjp_ref(g)):
+      assert got.dtype == want.dtype and got.shape == want.shape
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=tol, atol=tol)

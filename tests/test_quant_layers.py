@@ -12,7 +12,7 @@ from qtx import config_lib
 from qtx.quant import estimators as est
 from qtx.quant import fake_quant, quant_grid
 from qtx.quant.layers import (QUANT_STATS, ActQuant, QDense, QLayerNorm, QuantConfig,
-                              quantize_weight)
+                              fused_dense, quantize_weight)
 
 W8A8 = QuantConfig(enabled=True)
 
@@ -444,3 +444,58 @@ def test_gated_context_is_quantized_after_the_gate():
     grid = quant_grid(s["x_min"], s["x_max"], 8)
     q = ctx / np.asarray(grid.scale) + np.asarray(grid.zero_point)
     np.testing.assert_allclose(q, np.round(q), atol=2e-3)
+
+
+class _ThreeDense(nn.Module):
+  """Three QDense layers of one input, applied one by one or through fused_dense."""
+  cfg: QuantConfig | None = None
+  fused: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    layers = [QDense(6, cfg=self.cfg, name=n) for n in ("a", "b", "c")]
+    if self.fused:
+      return fused_dense(layers, x)
+    return [layer(x) for layer in layers]
+
+
+@pytest.mark.parametrize("cfg", [None, W8A8, dataclasses.replace(W8A8, act_granularity="per_token")],
+                         ids=["float", "w8a8_per_tensor", "w8a8_per_token"])
+def test_fused_dense_equals_its_layers_one_by_one(cfg):
+  """One stacked matmul, each layer's own quantized kernel and output quantizer: the same
+  parameters (names included), outputs and gradients as calling the layers one by one."""
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8)) * 2.0
+  sep, fused = _ThreeDense(cfg), _ThreeDense(cfg, fused=True)
+  v = sep.init(jax.random.key(1), x)
+  v_fused = fused.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(v, v_fused)  # same tree, same initial values
+  v = {**v, "params": jax.tree.map(lambda a: a + 0.3, v["params"])}  # non-zero biases
+  if cfg is not None and cfg.act_granularity == "per_tensor":
+    stats = _calibrate(sep, v, x, x * 0.5)
+    chex.assert_trees_all_close(_calibrate(fused, v, x, x * 0.5), stats)
+    v = {**v, **stats}
+
+  def loss(params, x, module):
+    ys = module.apply({**v, "params": params}, x)
+    return sum(jnp.sum(y * (i + 1.0) * jnp.cos(y)) for i, y in enumerate(ys)), ys
+
+  (l_sep, y_sep), g_sep = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      v["params"], x, sep)
+  (l_fused, y_fused), g_fused = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      v["params"], x, fused)
+  chex.assert_trees_all_close(y_fused, y_sep, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_sep)):  # sums reordered
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+  assert [y.shape for y in y_fused] == [(3, 5, 6)] * 3
+  if cfg is not None:  # the outputs really are quantized: at most 2^8 values per tensor/token
+    assert len(np.unique(np.asarray(y_fused[1])[0, 0])) <= 6
+
+
+def test_fused_dense_refuses_layers_of_different_width():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return fused_dense([QDense(4, name="a"), QDense(5, name="b")], x)
+
+  with pytest.raises(ValueError, match="equal width"):
+    Mixed().init(jax.random.key(0), jnp.ones((2, 3)))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from qtx.nn import normalizers
-from qtx.quant.layers import ActQuant, QDense, QuantConfig
+from qtx.quant.layers import ActQuant, QDense, QuantConfig, fused_dense
 
 GATES = ("none", "linear", "mlp", "all_heads_linear", "elementwise")
 IMPLS = ("xla", "pallas")
@@ -200,9 +200,11 @@ class MultiHeadAttention(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)))
 
     v_tok = None if valid_BxT is None else valid_BxT[:, :, None]
-    q_BxTxHxK = proj("query")(x_BxTxD, v_tok).reshape(B, T, H, K)
-    k_BxSxHxK = proj("key")(x_BxTxD, v_tok).reshape(B, T, H, K)
-    v_BxSxHxK = proj("value")(x_BxTxD, v_tok).reshape(B, T, H, K)
+    q_BxTxF, k_BxSxF, v_BxSxF = fused_dense(
+        [proj("query"), proj("key"), proj("value")], x_BxTxD, v_tok)
+    q_BxTxHxK = q_BxTxF.reshape(B, T, H, K)
+    k_BxSxHxK = k_BxSxF.reshape(B, T, H, K)
+    v_BxSxHxK = v_BxSxF.reshape(B, T, H, K)
     where = _mask(T, T, self.causal, key_mask_BxS)
     valid_scores = where
     if valid_BxT is not None:
@@ -231,7 +233,7 @@ class MultiHeadAttention(nn.Module):
           **kernel_args, scale=norm.score_scale(K, n_keys)).astype(self.dtype)
     else:
       scale = norm.score_scale(K, n_keys)
-      s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
+      s_BxHxTxS = _scores(q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
           scale, jnp.float32).astype(q_BxTxHxK.dtype)
       s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
           s_BxHxTxS, valid_scores)
@@ -244,7 +246,7 @@ class MultiHeadAttention(nn.Module):
       self.sow("intermediates", "attn_probs", p_BxHxTxS)
       p_BxHxTxS = ActQuant(cfg=self.quant, point="attn_probs", name="probs_quant")(
           p_BxHxTxS, valid_scores)
-      ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
+      ctx_BxTxHxK = _context(p_BxHxTxS, v_BxSxHxK)
     if cfg.gate != "none":
       # The gate is computed and applied in float; the gated context is what enters the
       # output projection, so it is the tensor quantized (Bondarenko et al. 2023, sec. 4.2).
@@ -260,6 +262,44 @@ class MultiHeadAttention(nn.Module):
                       nn.initializers.lecun_normal(), ("heads", "embed")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
                       ctx_BxTxD, v_tok)
+
+
+@jax.custom_vjp
+def _scores(q_BxTxHxK, k_BxSxHxK):
+  return jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
+
+
+def _scores_fwd(q, k):
+  return _scores(q, k), (q, k)
+
+
+def _scores_bwd(res, ds_BxHxTxS):
+  q, k = res
+  dq = jnp.einsum("bhts,bshk->bthk", ds_BxHxTxS, k)
+  dk = jnp.einsum("bhst,bthk->bshk", jnp.swapaxes(ds_BxHxTxS, -1, -2), q)
+  return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def _context(p_BxHxTxS, v_BxSxHxK):
+  return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
+
+
+def _context_fwd(p, v):
+  return _context(p, v), (p, v)
+
+
+def _context_bwd(res, dc_BxTxHxK):
+  p, v = res
+  dp = jnp.einsum("bthk,bshk->bhts", dc_BxTxHxK, v)
+  dv = jnp.einsum("bhst,bthk->bshk", jnp.swapaxes(p, -1, -2), dc_BxTxHxK)
+  return dp.astype(p.dtype), dv.astype(v.dtype)
+
+
+_context.defvjp(_context_fwd, _context_bwd)
 
 
 def _l2_normalize(x, eps=1e-6):

@@ -28,7 +28,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize_images(images_BxHxWxC, dtype=jnp.float32):
-  """uint8 [0, 255] (or float [0, 1]) images -> CLIP-normalised float."""
+  """uint8 [0, 255] (or float [0, 1]) images -> CLIP-normalised float (any shape with the
+  channels last)."""
   x = images_BxHxWxC.astype(jnp.float32)
   if images_BxHxWxC.dtype == jnp.uint8:
     x = x / 255.0
@@ -36,11 +37,19 @@ def normalize_images(images_BxHxWxC, dtype=jnp.float32):
   return x.astype(dtype)
 
 
-def patchify(x_BxHxWxC, patch_size):
+def patch_grid(x_BxHxWxC, patch_size):
+  """(B, H/P, W/P, P, P, C): the image cut into P x P patches, channels still last."""
   B, H, W, C = x_BxHxWxC.shape
   P = patch_size
-  x = x_BxHxWxC.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(B, (H // P) * (W // P), P * P * C)
+  return x_BxHxWxC.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)
+
+
+def patchify(x_BxHxWxC, patch_size):
+  """(B, number of patches, P * P * C): patches in row-major order, each flattened in
+  (row, col, channel) order."""
+  B, H, W, C = x_BxHxWxC.shape
+  P = patch_size
+  return patch_grid(x_BxHxWxC, P).reshape(B, (H // P) * (W // P), P * P * C)
 
 
 class VisionTower(nn.Module):
@@ -71,9 +80,14 @@ class VisionTower(nn.Module):
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
-    x = normalize_images(images_BxHxWxC, self.dtype)
+    # Cut into patches first: the transpose moves the uint8 batch (a quarter of the bytes of
+    # the float image). Normalisation is per channel and the input quantizer's ranges (per
+    # tensor, or per pixel over its channels) do not depend on the pixels' order, so both
+    # apply to the patch grid exactly as to the image.
+    x = patch_grid(images_BxHxWxC, self.patch_size)
+    x = normalize_images(x, self.dtype)
     x = ActQuant(cfg=self.quant, point="input", name="input_quant")(x)
-    patches = patchify(x, self.patch_size)
+    patches = x.reshape(B, -1, self.patch_size ** 2 * C)
     x = QDense(self.width, use_bias=False, dtype=self.dtype, cfg=self.quant, name="patch_embed",
                kernel_init=nn.with_logical_partitioning(
                    nn.initializers.lecun_normal(), ("patch", "embed")))(patches)

@@ -256,20 +256,59 @@ class QDense(nn.Module):
   quantize_output: bool = True
 
   @nn.compact
-  def __call__(self, x, valid=None):
+  def __call__(self, x, valid=None, *, stage: str = "full"):
+    """stage='full': x -> the layer's output. The two other stages let a caller fuse the
+    matmuls of several layers that read the same input into one (fused_dense):
+    'weights' takes the same input x and returns (kernel, bias) exactly as 'full' multiplies
+    x by them (quantized; bias None without one) without multiplying; 'output' takes
+    x @ kernel + bias computed by the caller and returns what 'full' returns for it."""
+    if stage not in ("full", "weights", "output"):
+      raise ValueError(f"unknown QDense stage {stage!r}; choose 'full', 'weights' or 'output'")
+    if stage == "output":
+      return self._output(x, valid)
     kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,),
                       self.param_dtype) if self.use_bias else None
     kernel = quantize_weight(kernel, self.cfg, channel_axis=-1)
+    if stage == "weights":
+      return kernel, bias
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return self._output(y, valid)
+
+  def _output(self, y, valid):
     if self.quantize_output:
       y = ActQuant(self.cfg, point="linear_out", name="out_quant")(y, valid)
     return y
+
+
+def fused_dense(layers, x, valid=None):
+  """[layer(x, valid) for layer in layers] for QDense layers of one input, with one matmul.
+
+  The kernels (each quantized as its layer quantizes it) are stacked to (in, n, features) and
+  multiplied by x once: one pass over x in the forward pass, and one matmul instead of n in
+  each direction of the backward pass. Each output then goes through its own layer's output
+  quantizer. Parameters and their names are the layers' own, so checkpoints do not change.
+  All layers must have the same width, dtype and bias use.
+  """
+  layers = list(layers)
+  first = layers[0]
+  if any((l.features, l.dtype, l.use_bias, l.precision) !=
+         (first.features, first.dtype, first.use_bias, first.precision) for l in layers):
+    raise ValueError("fused_dense needs layers of equal width, dtype, bias use and precision")
+  weights = [l(x, stage="weights") for l in layers]
+  kernel = jnp.stack([w for w, _ in weights], axis=1)
+  bias = jnp.stack([b for _, b in weights]) if first.use_bias else None
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=first.dtype)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=first.precision)
+  if bias is not None:
+    y = y + bias
+  return [l(y[..., i, :], valid, stage="output") for i, l in enumerate(layers)]
 
 
 class QLayerNorm(nn.Module):
