@@ -59,3 +59,36 @@ def test_vs_open_clip_alternates_the_sides():
                                batch=4, steps=2, rounds=3, warmup=1)
   assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
   assert {k: len(v) for k, v in res.items()} == {"a": 3, "b": 3}
+
+
+def test_vs_commit_exports_a_commit_as_a_second_package(tmp_path):
+  """The base commit is importable next to qtx, with no reference left to the working tree's
+  package, and its config files build its own config."""
+  import importlib
+  import pathlib
+  import subprocess
+  import sys
+  from benchmarks import vs_commit
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  if subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode:
+    pytest.skip("not a git checkout")
+  root = vs_commit.export_commit("HEAD", str(tmp_path), repo=str(repo))
+  pkg = tmp_path / vs_commit.BASE_PACKAGE
+  import re
+  for path in list(pkg.rglob("*.py")) + list((tmp_path / "configs").rglob("*.py")):
+    for line in path.read_text().splitlines():
+      assert not re.match(r"\s*(import|from) qtx[. ]", line), (path, line)
+  sys.path.insert(0, root)
+  try:
+    config_lib = importlib.import_module("qtx_base.config_lib")
+    c = config_lib.load_config_file(str(tmp_path / "configs" / "clip_tiny.py"))
+    assert c.model.image.width == 64 and config_lib.__file__.startswith(str(pkg))
+    assert importlib.import_module("qtx_base.data.registry").names()  # sources found
+  finally:
+    sys.path.remove(root)
+    for name in [m for m in sys.modules if m.split(".")[0] == "qtx_base"]:
+      del sys.modules[name]
+  calls = []
+  res = vs_commit.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                            steps=1, rounds=2, warmup=1)
+  assert calls == ["a", "b", "a", "b", "b", "a"] and len(res["a"]) == 2

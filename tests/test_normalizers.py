@@ -33,6 +33,34 @@ class SoftmaxTest(chex.TestCase):
     g = jax.grad(lambda x: jnp.sum(N.softmax(x, where=where) ** 2))(x)
     assert np.all(np.isfinite(g))
 
+  def test_gradient_equals_the_jacobian_of_numpy_softmax(self):
+    """dx = J^T dy with J = diag(y) - y y^T per row (numpy, float64), masked entries and a
+    fully masked row getting exactly 0, for a causal mask, a key mask of another rank and
+    no mask, on an axis that is not the last."""
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 3, 5, 5)) * 3)
+    dy = np.asarray(jax.random.normal(jax.random.key(4), x.shape))
+    causal = np.tril(np.ones((5, 5), bool))[None, None]
+    keys = np.ones((2, 1, 1, 5), bool)
+    keys[0, ..., 3:] = False
+    keys[1] = False  # every row of batch 1 fully masked
+    for where in (None, causal, keys):
+      w = np.ones(x.shape, bool) if where is None else np.broadcast_to(where, x.shape)
+      e = np.where(w, np.exp(x - np.where(w, x, -np.inf).max(-1, keepdims=True, initial=-1e30)), 0)
+      tot = e.sum(-1, keepdims=True)
+      y = e / np.where(tot > 0, tot, 1)
+      want = y * (dy - (dy * y).sum(-1, keepdims=True))  # diag(y) dy - y (y . dy)
+      got = jax.grad(lambda x: jnp.sum(N.softmax(x, where=where) * dy))(jnp.asarray(x))
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+      assert np.all(np.asarray(got)[~w] == 0.0)
+      # the same along axis -2 (the transposed problem)
+      got_t = jax.grad(lambda x: jnp.sum(N.softmax(x, axis=-2, where=None if where is None else
+                                                   np.swapaxes(w, -1, -2)) *
+                                         np.swapaxes(dy, -1, -2)))(jnp.asarray(np.swapaxes(x, -1, -2)))
+      np.testing.assert_allclose(np.swapaxes(np.asarray(got_t), -1, -2), want, rtol=1e-5, atol=1e-6)
+    gb = jax.grad(lambda x: jnp.sum(N.softmax(x).astype(jnp.float32) * dy))(
+        jnp.asarray(x, jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+
   def test_large_magnitudes(self):
     x = jnp.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]])
     y = N.softmax(x)
