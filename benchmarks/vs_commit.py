@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 BASE_PACKAGE = "qtx_base"
 _REF = re.compile(r"(?<![\w/])qtx(?=[.\s])")
@@ -85,19 +84,11 @@ def stepper(package: str, config_path: str, batch: int | None, sets: list[str]):
 
 
 def alternate(steppers: dict, steps: int, rounds: int, warmup: int = 5) -> dict:
-  """{name: [ms per step, one value per round]}, the order reversed every round."""
-  for f in steppers.values():
-    for _ in range(warmup):
-      f()
-  out = {k: [] for k in steppers}
-  names = list(steppers)
-  for r in range(rounds):
-    for name in (names if r % 2 == 0 else names[::-1]):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        steppers[name]()
-      out[name].append((time.perf_counter() - t0) / steps * 1e3)
-  return out
+  """{name: [ms per step, one value per round]}, the order reversed every round
+  (vs_open_clip.alternate, in milliseconds per step)."""
+  from benchmarks import vs_open_clip
+  per_s = vs_open_clip.alternate(steppers, 1, steps, rounds, warmup)
+  return {k: [1e3 / x for x in v] for k, v in per_s.items()}
 
 
 def main(argv=None):
