@@ -134,7 +134,9 @@ def make_probe(model: CausalLM, depth: int):
       lo = jnp.min(jnp.where(causal, s, jnp.inf), -1)
       out[f"L{l}/score_range"] = jnp.mean((hi - lo)[:, :, 1:])
       out[f"L{l}/score_absmax"] = jnp.max(jnp.where(causal, jnp.abs(s), 0.0))
-      split_norm("value_norm", att["value"]["__call__"][0], l)
+      # the value layer is called twice in the fused q/k/v matmul (quant.layers.fused_dense):
+      # for its kernel, then for its output; the last call returns the values
+      split_norm("value_norm", att["value"]["__call__"][-1], l)
       split_norm("attn_out_norm", att["__call__"][0], l)
       split_norm("ffn_out_norm", blk["ffn_out"][0], l)
       h = blk["block_out"][0].astype(jnp.float32)
