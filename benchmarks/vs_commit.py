@@ -51,36 +51,17 @@ def export_commit(rev: str, root: str, repo: str = ".") -> str:
 
 
 def stepper(package: str, config_path: str, batch: int | None, sets: list[str]):
-  """A callable running one train step of `package` (blocked on its result)."""
-  import jax
+  """A callable running one train step of `package` on one device, blocked on its result."""
+  from benchmarks.vs_open_clip import qtx_stepper
   config_lib = importlib.import_module(f"{package}.config_lib")
-  run_lib = importlib.import_module(f"{package}.run")
-  train_mode = importlib.import_module(f"{package}.modes.train")
-  from benchmarks.train_step import random_batch
   config = config_lib.load_config_file(config_path)
   config.mesh.num_devices = 1
   config.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
   if batch:
     config.train.batch_size = batch
   for kv in sets:
-    key, value = kv.split("=", 1)
-    *path, last = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    old = node[last]
-    node[last] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
-  s = run_lib.build(config, train=True)
-  box = [run_lib.init_state(s, 0)]
-  step_fn = train_mode.make_train_step(s)
-  batch_arrays = random_batch(config, s)
-  compiled = step_fn.lower(box[0], batch_arrays).compile()
-
-  def step():
-    box[0], m = compiled(box[0], batch_arrays)
-    jax.block_until_ready(m)
-
-  return step
+    config_lib.override(config, kv)
+  return qtx_stepper(config, package)
 
 
 def alternate(steppers: dict, steps: int, rounds: int, warmup: int = 5) -> dict:

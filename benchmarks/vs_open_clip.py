@@ -21,12 +21,14 @@ import time
 import numpy as np
 
 
-def qtx_stepper(config):
-  """A callable running one qtx train step (blocked on its result)."""
+def qtx_stepper(config, package: str = "qtx"):
+  """A callable running one train step of `package` (qtx, or an exported earlier version of
+  it: benchmarks.vs_commit), blocked on its result."""
+  import importlib
   import jax
   from benchmarks.train_step import random_batch
-  from qtx import run as run_lib
-  from qtx.modes import train as train_mode
+  run_lib = importlib.import_module(f"{package}.run")
+  train_mode = importlib.import_module(f"{package}.modes.train")
   s = run_lib.build(config, train=True)
   box = [run_lib.init_state(s, 0)]
   step_fn = train_mode.make_train_step(s)

@@ -80,10 +80,10 @@ class VisionTower(nn.Module):
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
-    # Cut into patches first: the transpose moves the uint8 batch (a quarter of the bytes of
-    # the float image). Normalisation is per channel and the input quantizer's ranges (per
-    # tensor, or per pixel over its channels) do not depend on the pixels' order, so both
-    # apply to the patch grid exactly as to the image.
+    # Cut into patches first, so the transpose may run on the uint8 batch (XLA:CPU fuses it
+    # into the normalisation either way; docs/benchmarks.md). Normalisation is per channel
+    # and the input quantizer's ranges (per tensor, or per pixel over its channels) do not
+    # depend on the pixels' order, so both apply to the patch grid exactly as to the image.
     x = patch_grid(images_BxHxWxC, self.patch_size)
     x = normalize_images(x, self.dtype)
     x = ActQuant(cfg=self.quant, point="input", name="input_quant")(x)
