@@ -43,6 +43,26 @@ def test_run_config_applies_the_preset_and_keeps_other_overrides():
   assert c.seed == 0 and c.model.image.attention.normalizer == "softmax"  # c is not changed
 
 
+def test_rows_carry_their_own_settings_after_the_preset():
+  c = micro_config(**{"model.image.attention.zeta": 1.5})
+  assert sweep.parse_row("clipped_softmax@alpha=0.25@train.lr=0.5") == (
+      "clipped_softmax", ["model.image.attention.alpha=0.25", "model.text.attention.alpha=0.25",
+                          "train.lr=0.5"])
+  r = sweep.run_config(c, "clipped_softmax@alpha=0.25@model.text.attention.alpha=2", 3, "train")
+  # the preset sets alpha = 1; the row's settings come after it, the config's other keys stay
+  assert (r.model.image.attention.alpha, r.model.text.attention.alpha) == (0.25, 2)
+  assert (r.model.image.attention.normalizer, r.model.image.attention.zeta) == (
+      "clipped_softmax", 1.5)
+  c.sweep.normalizers, c.sweep.seeds = "softmax,clipped_softmax@alpha=0.5", "0"
+  assert sweep.plan(c) == [("softmax", 0), ("clipped_softmax@alpha=0.5", 0)]
+  for bad, msg in (("clipped_softmax@alpha", "is not KEY=VALUE"),
+                   ("clipped_softmax@alpah=1", "unknown config key 'model.image.attention.alpah'"),
+                   ("clipped@alpha=1", "unknown preset 'clipped'")):
+    c.sweep.normalizers = bad
+    with pytest.raises(ValueError, match=msg):
+      sweep.plan(c)
+
+
 def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   out = tmp_path / "table.md"
   c = micro_config(**{"mode": "sweep", "sweep.normalizers": "softmax,registers",

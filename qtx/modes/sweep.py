@@ -8,7 +8,10 @@ trained model, and write the result tables (mean +- std over seeds) and a figure
 
 Each row applies its preset (`config_lib.set_normalizer`: the normalizer and gate of both
 towers, alpha for clipped softmax, or registers / Muon on top of softmax) to the config; every
-other key, command-line overrides included, is the config's. The tables: quality (float, the
+other key, command-line overrides included, is the config's. A row may carry its own settings
+after the preset, each as `@KEY=VALUE`, applied after the preset: a bare KEY is a field of both
+towers' attention blocks, a dotted KEY a config path, e.g.
+`clipped_softmax@alpha=0.25,clipped_softmax@model.text.attention.alpha=2@zeta=1.5` (two rows). The tables: quality (float, the
 config's PTQ setting and each of quant.settings), the mechanism (outliers per tower, where the
 attention goes, qtx.analysis.attention_mass, train step time relative to the softmax row) and
 cost; the figure (next to sweep.out, .png) draws the first two. Every (preset, seed) run lives in WORKDIR/<preset>/seed<k>
@@ -70,13 +73,31 @@ def _words(spec: str, what: str) -> list[str]:
   return words
 
 
+def parse_row(row: str) -> tuple[str, list[str]]:
+  """A sweep row 'PRESET[@KEY=VALUE...]' -> (preset, config overrides 'path=value'): a bare
+  KEY names a field of both towers' attention blocks, a dotted KEY is a config path."""
+  preset, *settings = [w.strip() for w in row.split("@")]
+  if preset not in config_lib.NORMALIZER_PRESETS:
+    raise ValueError(f"sweep.normalizers: unknown preset {preset!r} in row {row!r}; choose "
+                     f"from {config_lib.NORMALIZER_PRESETS}")
+  overrides = []
+  for s in settings:
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"sweep.normalizers: {s!r} in row {row!r} is not KEY=VALUE "
+                       f"(e.g. clipped_softmax@alpha=0.5)")
+    key = key.strip()
+    paths = ([key] if "." in key else
+             [f"model.{t}.attention.{key}" for t in ("image", "text")])
+    overrides += [f"{p}={value.strip()}" for p in paths]
+  return preset, overrides
+
+
 def plan(config) -> list[tuple[str, int]]:
-  """(preset, seed) pairs of the sweep, seed-major (every preset has a first result early)."""
+  """(row, seed) pairs of the sweep, seed-major (every row has a first result early)."""
   presets = _words(config.sweep.normalizers, "normalizers")
   for p in presets:
-    if p not in config_lib.NORMALIZER_PRESETS:
-      raise ValueError(f"sweep.normalizers: unknown preset {p!r}; choose from "
-                       f"{config_lib.NORMALIZER_PRESETS}")
+    run_config(config, p, 0, "train")  # names a bad preset, setting or key before any training
   try:
     seeds = [int(s) for s in _words(config.sweep.seeds, "seeds")]
   except ValueError as e:
@@ -86,9 +107,16 @@ def plan(config) -> list[tuple[str, int]]:
 
 
 def run_config(config, preset: str, seed: int, mode: str):
-  """The config of one sweep run: `config` with the preset, the seed and the mode."""
+  """The config of one sweep run: `config` with the row's preset and settings (`parse_row`),
+  the seed and the mode."""
   c = config.copy_and_resolve_references()
-  config_lib.set_normalizer(c, preset)
+  name, overrides = parse_row(preset)
+  config_lib.set_normalizer(c, name)
+  for o in overrides:
+    try:
+      config_lib.override(c, o)
+    except ValueError as e:
+      raise ValueError(f"sweep row {preset!r}: {e}") from None
   c.seed = seed
   c.mode = mode
   return c
