@@ -279,3 +279,31 @@ def test_worker_processes_are_deterministic_and_resume_exactly(tmp_path):
   r.close()
   for w, g in zip(want, got):
     np.testing.assert_array_equal(w, g)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_records_read_in_worker_processes_reach_the_main_count(tmp_path, workers):
+  """Records found bad while decoding (a corrupt image, an empty caption) are counted in the
+  process that decodes them; with data.num_workers > 0 that is a worker, and each batch carries
+  its worker's new ones to the main process, whose count data/skipped reports."""
+  root = str(tmp_path / "d")
+  make_shards(root, n_shards=2, per_shard=6, bad=True)
+  c = micro_config(**{"data.name": "webdataset", "data.path": root, "train.batch_size": 4,
+                      "data.num_workers": workers})
+  src = webdataset.WebDatasetSource(root, "train", c.model.image.image_size, held_out=False)
+  assert src.counter.reasons.get("unreadable image", 0) == 0  # found only when decoded
+  counter = sources.SkipCounter("test")
+  before = sources.SKIPPED.count
+  sources.SKIPPED.parent = counter  # the main process's total, seen from this test
+  try:
+    it = iter(pipeline.train_dataset(c))
+    for _ in range(8):  # 32 samples: every one of the 14 records at least twice
+      batch = next(it)
+      assert sources.SKIP_FIELD not in batch
+    if workers:
+      it.close()
+  finally:
+    sources.SKIPPED.parent = None
+  r = counter.reasons
+  assert (r.get("unreadable image"), r.get("empty caption")) == (1, 1), r
+  assert sources.SKIPPED.count - before >= 2

@@ -76,7 +76,11 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     # Decoding and augmentation in `workers` processes, each running the pipeline above on its
     # share of the samples: deterministic and checkpointable (the position includes every
     # worker's), though its batches differ from those of 0 workers.
+    # Bad records are counted in the worker that reads them; each batch carries its worker's
+    # new ones to this process, where data/skipped is read.
+    ds = ds.map(sources.SkipReport())
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    ds = ds.map(sources.absorb_skips)
   return ds
 
 

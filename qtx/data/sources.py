@@ -54,7 +54,7 @@ class SkipCounter:
     self.log_first = int(log_first)
     self.parent = parent
     self._lock = threading.Lock()
-    self._seen: set[str] = set()
+    self._seen: dict[str, tuple[str, str]] = {}  # key -> (path, reason), in first-seen order
     self._events = 0
     self._reasons: collections.Counter = collections.Counter()
     self._examples: list[tuple[str, str]] = []
@@ -65,7 +65,7 @@ class SkipCounter:
       self._events += 1
       new = key not in self._seen
       if new:
-        self._seen.add(key)
+        self._seen[key] = (path, reason)
         self._reasons[reason.split(":")[0]] += 1
       log = new and len(self._examples) < self.log_first
       if log:
@@ -95,6 +95,13 @@ class SkipCounter:
     """Distinct bad records seen."""
     with self._lock:
       return len(self._seen)
+
+  def since(self, n: int) -> list[tuple[str, str, str]]:
+    """(key, path, reason) of the distinct bad records after the first `n` seen: what a worker
+    process has found since it last reported (`SkipReport`)."""
+    with self._lock:
+      keys = list(self._seen)[n:]
+      return [(k, *self._seen[k]) for k in keys]
 
   @property
   def events(self) -> int:
@@ -136,6 +143,40 @@ class SkipCounter:
 
 
 SKIPPED = SkipCounter("all")
+
+
+SKIP_FIELD = "_skipped"  # batch field carrying a worker's new bad records to the main process
+
+
+class SkipReport:
+  """Grain map run at the end of a worker process's pipeline: adds to each batch the bad
+  records (key, path, reason) the worker's counter found since its previous batch, so the main
+  process can count them (`absorb_skips`). Without it, skips counted in data.num_workers > 0
+  worker processes would stay there and data/skipped would read 0."""
+
+  def __init__(self, counter: Optional["SkipCounter"] = None):
+    # The counter travels to the worker with the sources (one pickle), so it is the very
+    # counter the worker's sources forward their skips to.
+    self.counter = SKIPPED if counter is None else counter
+    # What the counter holds now, the main process knows already; the worker reports the rest.
+    self.sent = self.counter.count
+
+  def __call__(self, batch):
+    new = self.counter.since(self.sent)
+    self.sent += len(new)
+    return {**batch, SKIP_FIELD: np.asarray([list(r) for r in new], dtype=np.str_).reshape(-1, 3)}
+
+
+def absorb_skips(batch, counter: Optional["SkipCounter"] = None):
+  """Main-process side of SkipReport: records the batch's reported bad records in `counter`
+  (default SKIPPED; by key, so a record reported by two workers or again after a resume counts
+  once) and returns the batch without the field."""
+  counter = SKIPPED if counter is None else counter
+  batch = dict(batch)
+  for key, path, reason in np.asarray(batch.pop(SKIP_FIELD, np.zeros((0, 3), np.str_))):
+    counter.record(str(path), str(reason), key=str(key))
+  return batch
+
 
 
 # ---------------------------------------------------------------------------------------------
