@@ -48,3 +48,23 @@ def initialize() -> None:
                                local_device_ids=local)
   elif mode == "auto" or _env_cluster():
     jax.distributed.initialize(local_device_ids=local)
+
+
+def assert_same(what: str, value: str, fix: str = "") -> None:
+  """Raises ValueError unless every process of the run passes the same `value` (a short
+  string, e.g. a hash of the training data's index); the message names which processes
+  differ and `fix`. A no-op in a single-process run."""
+  if jax.process_count() == 1:
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(value.encode()[:64].ljust(64, b"\0"), np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(data)).reshape(-1, 64)
+  values = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in everyone]
+  if len(set(values)) > 1:
+    groups: dict[str, list[int]] = {}
+    for pid, v in enumerate(values):
+      groups.setdefault(v, []).append(pid)
+    seen = "; ".join(f"process(es) {ids} see {v!r}" for v, ids in groups.items())
+    raise ValueError(f"{what} differs between the processes of this run ({seen}). "
+                     f"{fix}".strip())

@@ -105,6 +105,14 @@ print("PROBE " + json.dumps({"pid": jax.process_index(), "count": jax.process_co
       "devices": jax.device_count(), "local": jax.local_device_count(),
       "mesh": list(mesh.devices.shape), "sum": float(total)}), flush=True)
 print("RING " + json.dumps(diffs), flush=True)
+# the same value everywhere passes; different ones name who sees what
+distributed.assert_same("probe", "same value")
+try:
+  distributed.assert_same("the training data's index", f"index{jax.process_index()}", "Fix it.")
+  msg = None
+except ValueError as e:
+  msg = str(e)
+print("SAME " + json.dumps(msg), flush=True)
 """
 
 
@@ -124,6 +132,10 @@ def test_launcher_builds_one_global_cpu_mesh_and_ring_losses_work_across_process
   assert len(rings) == 2
   for diffs in rings:  # value and gradients of the ring losses across the two processes
     assert set(diffs) == {"clip", "siglip", "infoloob"} and max(diffs.values()) < 1e-5, diffs
+  same = [json.loads(line.split("SAME ", 1)[1]) for line in r.stdout.splitlines()
+          if "SAME " in line]
+  assert same == [("the training data's index differs between the processes of this run "
+                   "(process(es) [0] see 'index0'; process(es) [1] see 'index1'). Fix it.")] * 2
 
 
 FAILING = """

@@ -307,3 +307,29 @@ def test_bad_records_read_in_worker_processes_reach_the_main_count(tmp_path, wor
   r = counter.reasons
   assert (r.get("unreadable image"), r.get("empty caption")) == (1, 1), r
   assert sources.SKIPPED.count - before >= 2
+
+
+def test_index_fingerprint_guards_resume_against_changed_shards(tmp_path):
+  """The index fingerprint: the same shards give the same one wherever they are mounted; a
+  removed or added shard changes it, and a resumed run that finds another index stops with a
+  message instead of reading other samples at its saved position."""
+  from qtx.modes import train
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  make_shards(a, n_shards=3, per_shard=4)
+  make_shards(b, n_shards=3, per_shard=4)  # the same bytes elsewhere
+  src = lambda spec: webdataset.WebDatasetSource(spec, "train", 16, held_out=False)
+  fa = src(a).fingerprint()
+  assert fa == src(b).fingerprint() and len(fa) == 16
+  assert fa != src(os.path.join(a, "{00000..00001}.tar")).fingerprint()
+  wd = str(tmp_path / "run")
+  train.check_data_index(src(a), wd, resuming=False)
+  saved = json.load(open(os.path.join(wd, train.DATA_INDEX_FILE)))
+  assert saved == {"fingerprint": fa, "describe": f"12 train samples in 3 shard(s) of {a!r}"}
+  train.check_data_index(src(b), wd, resuming=True)  # same index: resumes
+  make_shards(os.path.join(a, "more"), n_shards=1, per_shard=2)
+  with open(os.path.join(tmp_path, "list.txt"), "w") as f:
+    f.write("\n".join([os.path.join(a, f"{i:05d}.tar") for i in range(3)]
+                      + [os.path.join(a, "more", "00000.tar")]))
+  with pytest.raises(ValueError, match=r"the training data changed since the run started \(it "
+                     r"had 12 train samples in 3 shard\(s\).*now 14 train samples in 4 shard"):
+    train.check_data_index(src(os.path.join(tmp_path, "list.txt")), wd, resuming=True)

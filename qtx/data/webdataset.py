@@ -36,6 +36,7 @@ Splits: `train` reads data.path; `eval` reads data.eval_path when set, else a de
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -216,6 +217,21 @@ class WebDatasetSource:
 
   def __len__(self) -> int:
     return len(self._entries)
+
+  def fingerprint(self) -> str:
+    """A hash of the index (each sample's shard file name, key and member offsets and sizes,
+    in order): what the checkpointed position and the per-process split mean. Processes of one
+    run must agree on it, and a resumed run must find the one it started with. Shard file
+    names, not full paths, so hosts may mount the shards at different places."""
+    h = hashlib.sha256(f"{self.split}:{len(self._entries)}".encode())
+    for si, s in self._entries:
+      members = tuple(s.get(k) for k in ("image", "txt", "json"))
+      h.update(f"|{os.path.basename(self.shards[si])}:{s['key']}:{members}".encode())
+    return h.hexdigest()[:16]
+
+  def describe(self) -> str:
+    """One line for messages: how many samples in how many shards."""
+    return f"{len(self)} {self.split} samples in {len(self.shards)} shard(s) of {self.spec!r}"
 
   def _read(self, shard: str, where: tuple[int, int]) -> bytes:
     offset, size = where

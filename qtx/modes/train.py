@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from qtx import checkpoint as ckpt_lib
-from qtx import config_lib, evaluate, losses, optim, parallel
+from qtx import config_lib, distributed, evaluate, losses, optim, parallel
 from qtx import flops as flops_lib
 from qtx import run as run_lib
 from qtx.analysis import outliers as outlier_lib
@@ -143,7 +143,10 @@ def run(config, workdir: str) -> dict:
   s = run_lib.build(config, train=True, validate=False)
   writer = MetricsWriter(workdir)
   mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), config)
-  data_iter = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  src = pipeline.make_source(config, "train")
+  check_data_index(src, workdir, resuming=mgr.latest_step() is not None)
+  data_iter = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                          source=src))
   state = None
   restored = mgr.restore_latest(s.abstract_state, data_iter)
   if restored is not None:
@@ -265,6 +268,38 @@ def _flat(d, prefix=""):
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+DATA_INDEX_FILE = "data_index.json"
+
+
+def check_data_index(src, workdir: str, resuming: bool) -> None:
+  """For sources with an index fingerprint (webdataset): every process must have built the same
+  index (else the per-process split would repeat and drop samples), and a resumed run must find
+  the index it started with (else its saved position would point at other samples). The first
+  start writes WORKDIR/data_index.json."""
+  if not hasattr(src, "fingerprint"):
+    return
+  fp = src.fingerprint()
+  what = src.describe() if hasattr(src, "describe") else f"{len(src)} samples"
+  distributed.assert_same(
+      "the training data's index", f"{fp} ({len(src)} samples)",
+      "Every host must see the same shards: check that data.path lists the same files on "
+      "every host and that no shard was unreadable on one of them (the log names skipped "
+      "shards).")
+  path = epath.Path(workdir) / DATA_INDEX_FILE
+  if resuming and path.exists():
+    old = json.loads(path.read_text())
+    if old.get("fingerprint") != fp:
+      raise ValueError(
+          f"resuming {workdir}: the training data changed since the run started (it had "
+          f"{old.get('describe', '?')}, now {what}), so the saved data position would point at "
+          f"other samples. Restore the shards it had, or start a new --workdir with "
+          f"--config.init_from={workdir} (parameters only).")
+    return
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fp, "describe": what}, indent=1) + "\n")
 
 
 # Keys that define which sample comes next (the checkpointed data position) or the model: a
