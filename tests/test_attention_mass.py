@@ -93,3 +93,38 @@ def test_background_patches():
   bg = np.asarray(am.background_patches(x, c.model.image.patch_size))
   assert bg.shape == (2, 16)
   assert [j for j in range(16) if bg[0, j]] == [1, 2]
+
+
+def test_filler_and_content_queries_are_reported_apart():
+  """With zero query/key projections, the sink head's row i gives the start token
+  1 / (e^b + i + 1); the filler and content statistics average that over their own rows
+  (content: after the start token, up to end-of-text, not filler), per layer and overall."""
+  b = 0.3
+  c = micro_config("softmax_sink")
+  for t in (c.model.image, c.model.text):
+    t.attention.sink_init = b
+  s = run_lib.build(c)
+  params = _zero_qk(run_lib.init_params(s, 0))
+  T = c.model.text.context_length
+  F = (11, 12)  # filler ids
+  seqs = [[49406, 11, 5, 12, 12, 6, 49407], [49406, 7, 11, 49407]]
+  tokens = np.zeros((2, T), np.int32)
+  for r, q in enumerate(seqs):
+    tokens[r, :len(q)] = q
+  images = _images(c, 2, [])
+  m = am.attention_mass_metrics(s.model, params, images, tokens, 2, c.model.image.patch_size,
+                                filler_ids=F)
+  eb = math.exp(b)
+  want = {"filler": [], "content": []}
+  for q in seqs:
+    rows = {"filler": [i for i, t in enumerate(q) if t in F],
+            "content": [i for i, t in enumerate(q) if i > 0 and t not in F]}
+    for g, idx in rows.items():
+      want[g].append(np.mean([1 / (eb + i + 1) for i in idx]))
+  for g in ("filler", "content"):
+    np.testing.assert_allclose(m[f"attn/text/first_key_mass_{g}"], np.mean(want[g]), rtol=1e-5)
+    for layer in range(c.model.text.depth):
+      np.testing.assert_allclose(m[f"attn/text/first_key_mass_{g}/layer_{layer}"],
+                                 np.mean(want[g]), rtol=1e-5)
+  assert not any("filler" in k for k in am.attention_mass_metrics(
+      s.model, params, images, tokens, 2, c.model.image.patch_size))

@@ -411,3 +411,20 @@ def test_save_sample_grid(tmp_path):
   path = syn.save_sample_grid(str(tmp_path / "half.png"), n=2, image_size=32, shape_scale=0.5)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_filler_words_are_inserted_and_change_nothing_else():
+  plain = syn.SyntheticShapes("train", 32, seed=3)
+  fill = syn.SyntheticShapes("train", 32, seed=3, filler=5)
+  for i in range(20):
+    a, b = plain[i], fill[i]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a["label"] == b["label"]
+    words = b["caption"].split()
+    assert len(words) == len(a["caption"].split()) + 5
+    assert sum(w in syn.FILLER_WORDS for w in words) == 5
+    # the caption's own words in their order once the fillers are removed
+    assert " ".join(w for w in words if w not in syn.FILLER_WORDS) == a["caption"]
+  assert fill[4]["caption"] == syn.SyntheticShapes("train", 32, seed=3, filler=5)[4]["caption"]
+  with pytest.raises(ValueError, match="filler must be a non-negative int"):
+    syn.SyntheticShapes("train", 32, filler=-1)

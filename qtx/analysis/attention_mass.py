@@ -15,6 +15,11 @@ layers:
   attn/image/background_mass    E[sum over background patches j of p_ij]: patches whose pixels
                                 are uniform (max - min <= data-range/32 per channel)
   attn/image/register_mass      E[sum over register tokens j of p_ij] (model.image.registers)
+
+With `filler_ids` (token ids of words that say nothing, data.synthetic.filler) the text tower
+also reports the start-token mass of filler queries and of content queries (the other rows
+after the start token), over all layers and per layer:
+  attn/text/first_key_mass_filler[/layer_<l>], attn/text/first_key_mass_content[/layer_<l>]
 """
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ def _row_means(p_BxHxTxS, rows_BxT):
 
 
 def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 0,
-                 variables_extra: dict | None = None) -> Callable:
+                 variables_extra: dict | None = None, filler_ids=()) -> Callable:
   """Jitted (params, x) -> {statistic: per-sequence values (B,)} of one tower (module
   docstring), each a mean over layers and heads."""
   method = CLIP.encode_image if tower == "image" else CLIP.encode_text
@@ -83,6 +88,16 @@ def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 
       keys_bg = jnp.zeros((B, S), bool).at[:, 1:1 + bg.shape[1]].set(bg)
       if registers:
         out["register_mass"] = []
+    groups = {}
+    if tower == "text" and len(filler_ids):
+      is_filler = jnp.isin(x, jnp.asarray(filler_ids, x.dtype))
+      after_start = jnp.arange(T)[None, :] > 0
+      groups = {"filler": rows & is_filler, "content": rows & ~is_filler & after_start}
+    for l, p in enumerate(probs):
+      for g, g_rows in groups.items():
+        mass = _row_means(p, g_rows)[1][..., 0].mean(-1)
+        out.setdefault(f"first_key_mass_{g}", []).append(mass)
+        out[f"first_key_mass_{g}/layer_{l}"] = [mass]
     for p in probs:
       null, per_key = _row_means(p, rows)
       out["null_mass"].append(null.mean(-1))
@@ -100,13 +115,14 @@ def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 
 
 def attention_mass_metrics(model: CLIP, params, images: np.ndarray, tokens: np.ndarray,
                            batch_size: int, patch_size: int, registers: int = 0,
-                           variables_extra: dict | None = None, prefix: str = "attn/"
-                           ) -> dict[str, float]:
+                           variables_extra: dict | None = None, prefix: str = "attn/",
+                           filler_ids=()) -> dict[str, float]:
   """The module docstring's statistics over `images` and `tokens` (fixed-size batches; the
   padding of the last one is not counted)."""
   metrics = {}
   for tower, x in (("image", images), ("text", tokens)):
-    fn = make_mass_fn(model, tower, patch_size, registers, variables_extra)
+    fn = make_mass_fn(model, tower, patch_size, registers, variables_extra,
+                      filler_ids if tower == "text" else ())
     n = x.shape[0]
     if n == 0:
       raise ValueError("attention mass needs at least one sequence, got an empty eval set")

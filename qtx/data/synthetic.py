@@ -36,7 +36,7 @@ from qtx.data import registry
 # the vocabulary and the captions live in synthetic_captions; they are this dataset's names too
 from qtx.data.synthetic_captions import (  # noqa: F401
     _VALUES, ATTRIBUTES, CAPTION_TEMPLATES, CHANCE_TOP1, CLASS_NAMES, COLORS, NUM_CLASSES,
-    OPTIONAL_ATTRIBUTES, POSITIONS, SHAPES, SIZES, TEMPLATES, TRAIN_OMIT_PROB, caption,
+    FILLER_WORDS, OPTIONAL_ATTRIBUTES, POSITIONS, SHAPES, SIZES, TEMPLATES, TRAIN_OMIT_PROB, add_filler, caption,
     check_attributes, hard_negative_captions, label_of, one_attribute_variants, parse_caption,
     sample_attributes, zeroshot_prompts)
 
@@ -190,11 +190,14 @@ class SyntheticShapes:
   (default TRAIN_OMIT_PROB for 'train', 0 for 'eval'); images do not depend on it.
   shape_scale: multiplier of every shape's size (default 1); < 1 leaves more of each image
   plain background. Captions do not depend on it.
+  filler: number of FILLER_WORDS inserted into every caption (train and eval; default 0), words
+  that say nothing about the image, so most text positions have nothing to contribute (the
+  text-tower version of the no-op setting; zero-shot prompts stay as they are).
   """
 
   def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
                size: int | None = None, omit_prob: float | None = None,
-               shape_scale: float = 1.0):
+               shape_scale: float = 1.0, filler: int = 0):
     self.split_id = _check_split(split)
     self.split = split
     self.image_size = check_image_size(image_size)
@@ -213,6 +216,9 @@ class SyntheticShapes:
       raise ValueError(f"omit_prob must be a number in [0, 1]; got {omit_prob!r}")
     self.omit_prob = float(omit_prob)
     self.shape_scale = check_shape_scale(shape_scale)
+    if isinstance(filler, bool) or not isinstance(filler, (int, np.integer)) or filler < 0:
+      raise ValueError(f"filler must be a non-negative int; got {filler!r}")
+    self.filler = int(filler)
 
   def __len__(self) -> int:
     return self.size
@@ -220,7 +226,7 @@ class SyntheticShapes:
   def __repr__(self) -> str:
     return (f"SyntheticShapes(split={self.split!r}, image_size={self.image_size}, "
             f"seed={self.seed}, size={self.size}, omit_prob={self.omit_prob}, "
-            f"shape_scale={self.shape_scale})")
+            f"shape_scale={self.shape_scale}, filler={self.filler})")
 
   def rng(self, idx: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, self.split_id, idx])
@@ -244,6 +250,8 @@ class SyntheticShapes:
     if self.omit_prob > 0.0:  # no draws at 0, so eval captions do not depend on this option
       omit = tuple(a for a in OPTIONAL_ATTRIBUTES if rng.uniform() < self.omit_prob)
     text = caption(attrs, rng, omit=omit)
+    if self.filler:  # drawn last: without filler the records are what they always were
+      text = add_filler(text, self.filler, rng)
     return {"image": image, "caption": text, "label": np.int32(label_of(attrs))}
 
 
@@ -307,6 +315,7 @@ def options():
   # (eval captions always name all four attributes)
   c.omit_prob = TRAIN_OMIT_PROB
   c.shape_scale = 1.0  # multiplier of every shape's size (< 1: more plain-background patches)
+  c.filler = 0  # filler words inserted into every caption (FILLER_WORDS; they say nothing)
   return c
 
 
@@ -316,6 +325,9 @@ def check_options(block) -> None:
   if not 0.0 < block.shape_scale <= MAX_SHAPE_SCALE:
     raise ValueError(f"data.synthetic.shape_scale must be in (0, {MAX_SHAPE_SCALE}], got "
                      f"{block.shape_scale}")
+  if int(block.get("filler", 0)) < 0:
+    raise ValueError(f"data.synthetic.filler must be >= 0 (filler words per caption), got "
+                     f"{block.filler}")
   if block.eval_size < 1:
     raise ValueError(f"data.synthetic.eval_size must be >= 1, got {block.eval_size}")
 
@@ -324,7 +336,8 @@ def _synthetic_factory(config, split):
   src = SyntheticShapes(split=split, image_size=config.model.image.image_size, seed=config.seed,
                         size=config.data.synthetic.eval_size if split == "eval" else None,
                         omit_prob=config.data.synthetic.omit_prob if split == "train" else 0.0,
-                        shape_scale=config.data.synthetic.shape_scale)
+                        shape_scale=config.data.synthetic.shape_scale,
+                        filler=int(config.data.synthetic.get("filler", 0)))
   src.class_names = tuple(CLASS_NAMES)
   src.templates = tuple(TEMPLATES)
   src.prompts = zeroshot_prompts()  # with the right article ("an orange circle")

@@ -140,6 +140,20 @@ def caption(attrs: dict, rng: np.random.Generator | None = None,
   return _with_articles(text)
 
 
+# Words that carry no information about the image (each one BPE token); `data.synthetic.filler`
+# inserts them into captions, so that most text positions have nothing to contribute.
+FILLER_WORDS: tuple[str, ...] = ("well", "so", "um", "like", "just", "really", "okay", "yeah")
+
+
+def add_filler(text: str, count: int, rng: np.random.Generator) -> str:
+  """`text` with `count` words of FILLER_WORDS inserted at uniformly drawn word boundaries
+  (start and end included); the caption's own words keep their order."""
+  words = text.split()
+  for _ in range(int(count)):
+    words.insert(int(rng.integers(len(words) + 1)), FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))])
+  return " ".join(words)
+
+
 def parse_caption(text: str, partial: bool = False) -> dict[str, str]:
   """Recovers the attributes named in a caption (the inverse of `caption`).
 
