@@ -128,3 +128,38 @@ def test_filler_and_content_queries_are_reported_apart():
                                  np.mean(want[g]), rtol=1e-5)
   assert not any("filler" in k for k in am.attention_mass_metrics(
       s.model, params, images, tokens, 2, c.model.image.patch_size))
+
+
+def test_probability_grid_statistics_equal_their_closed_form():
+  """Clipped softmax with zero query/key projections: a row that sees N keys gives each of them
+  max(0, (1 - a) / N + a / N^2) (gamma = -a / N). With a = 1.1264 that is 0 for N >= 9, below
+  half a step of the 8-bit grid (1/510) for N = 8 and above it for N <= 7."""
+  a = 1.1264  # N = 8 gives 0.0018: between 1/600 and 1/510, so the threshold is checked too
+  c = micro_config("clipped_softmax")
+  for t in (c.model.image, c.model.text):
+    t.attention.alpha = a
+  s = run_lib.build(c)
+  params = _zero_qk(run_lib.init_params(s, 0))
+  T = c.model.text.context_length
+  lengths = [3, 8, 12, 16]
+  tokens = np.zeros((4, T), np.int32)
+  for r, L in enumerate(lengths):
+    tokens[r, :L - 1] = np.arange(1, L)
+    tokens[r, L - 1] = 49407
+  m = am.attention_mass_metrics(s.model, params, _images(c, 4, []), tokens, 4,
+                                c.model.image.patch_size)
+  # image: 17 keys, every entry clipped to 0
+  assert (m["attn/image/prob_zero_fraction"], m["attn/image/prob_tiny_fraction"],
+          m["attn/image/prob_tiny_mass"]) == (1.0, 0.0, 0.0)
+  p = lambda n: max(0.0, (1 - a) / n + a / n ** 2)
+  zero, tiny, mass = [], [], []
+  for L in lengths:
+    ns = np.arange(1, L + 1)
+    zero.append(sum(n for n in ns if p(n) == 0) / ns.sum())
+    nonzero = [n for n in ns if p(n) > 0]
+    tiny.append(sum(n for n in nonzero if p(n) < 1 / 510) / sum(nonzero))
+    mass.append(sum(n * p(n) for n in nonzero if p(n) < 1 / 510) / L)
+  np.testing.assert_allclose(m["attn/text/prob_zero_fraction"], np.mean(zero), rtol=1e-6)
+  np.testing.assert_allclose(m["attn/text/prob_tiny_fraction"], np.mean(tiny), rtol=1e-6)
+  np.testing.assert_allclose(m["attn/text/prob_tiny_mass"], np.mean(mass), rtol=1e-4)
+  assert min(np.mean(zero), np.mean(tiny), np.mean(mass)) > 0  # the case tests something

@@ -16,6 +16,12 @@ layers:
                                 are uniform (max - min <= data-range/32 per channel)
   attn/image/register_mass      E[sum over register tokens j of p_ij] (model.image.registers)
 
+How much of the attention an 8-bit probability grid erases (the grid of [0, 1] in steps of
+1/255, where values below half a step round to 0), over the entries each row sees:
+  attn/<tower>/prob_zero_fraction      entries exactly 0 (clipped softmax's clipped keys)
+  attn/<tower>/prob_tiny_fraction      non-zero entries below 1/510, of the non-zero entries
+  attn/<tower>/prob_tiny_mass          their summed probability per row (mass lost to rounding)
+
 With `filler_ids` (token ids of words that say nothing, data.synthetic.filler) the text tower
 also reports the start-token mass of filler queries and of content queries (the other rows
 after the start token), over all layers and per layer:
@@ -36,6 +42,10 @@ from qtx.nn.vit import patchify
 from qtx.quant import outliers
 
 BACKGROUND_RANGE = 8  # uint8 levels: a patch whose every channel spans at most this is plain
+
+
+# Half a step of the 8-bit grid of [0, 1]: smaller probabilities round to 0.
+TINY_PROB = 1.0 / 510.0
 
 
 def background_patches(images_BxHxWxC, patch_size: int):
@@ -98,6 +108,21 @@ def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 
         mass = _row_means(p, g_rows)[1][..., 0].mean(-1)
         out.setdefault(f"first_key_mass_{g}", []).append(mass)
         out[f"first_key_mass_{g}/layer_{l}"] = [mass]
+    seen = rows[:, None, :, None] & jnp.ones((1, 1, T, S), bool)
+    if tower == "text":  # causal: row i sees keys 0..i
+      seen = seen & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
+    for k in ("prob_zero_fraction", "prob_tiny_fraction", "prob_tiny_mass"):
+      out[k] = []
+    for p in probs:
+      p32 = p.astype(jnp.float32)
+      zero = seen & (p32 == 0)
+      tiny = seen & (p32 > 0) & (p32 < TINY_PROB)
+      n_seen = jnp.maximum(jnp.sum(seen, (1, 2, 3)) * p.shape[1], 1)
+      n_nonzero = jnp.maximum(jnp.sum(seen & (p32 > 0), (1, 2, 3)), 1)
+      n_rows = jnp.maximum(jnp.sum(rows, -1) * p.shape[1], 1)
+      out["prob_zero_fraction"].append(jnp.sum(zero, (1, 2, 3)) / n_seen)
+      out["prob_tiny_fraction"].append(jnp.sum(tiny, (1, 2, 3)) / n_nonzero)
+      out["prob_tiny_mass"].append(jnp.sum(jnp.where(tiny, p32, 0.0), (1, 2, 3)) / n_rows)
     for p in probs:
       null, per_key = _row_means(p, rows)
       out["null_mass"].append(null.mean(-1))
