@@ -18,6 +18,10 @@ def test_table_mean_and_std_over_seeds():
   assert t[0] == "| normalizer | seeds | zs | inf |"
   assert t[2] == "| softmax | 2 | 45.0 ± 7.1 | 12 ± 2.8 |"  # std with ddof=1
   assert t[3] == "| gated | 1 | 39.1 | - |"
+  # a column no run has is left out on request; one that some runs have stays
+  cols += (("attn/image/register_mass", "reg", 1.0),)
+  assert sweep.table(runs, cols).splitlines()[0].endswith("| reg |")
+  assert sweep.table(runs, cols, drop_absent=True).splitlines()[0] == "| normalizer | seeds | zs | inf |"
 
 
 def test_plan_is_seed_major_and_checks_its_words():

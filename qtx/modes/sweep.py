@@ -53,6 +53,10 @@ MECHANISM = (
     ("attn/image/register_mass", "image mass on registers", 1.0),
     ("attn/text/null_mass", "text mass on no key", 1.0),
     ("attn/text/first_key_mass", "text mass on start token", 1.0),
+    ("attn/text/first_key_mass_filler", "text start-token mass, filler queries", 1.0),
+    ("attn/text/first_key_mass_content", "text start-token mass, content queries", 1.0),
+    ("attn/image/prob_tiny_mass", "image mass below 1/510", 1.0),
+    ("attn/text/prob_tiny_mass", "text mass below 1/510", 1.0),
     (STEP_TIME, "train step time vs softmax", 1.0),
 )
 
@@ -174,9 +178,13 @@ def with_step_time(results: dict[str, list[dict]], baseline: str = "softmax"
                  for r in runs] for name, runs in results.items()}
 
 
-def table(results: dict[str, list[dict]], columns=COLUMNS) -> str:
-  """Markdown table: one row per preset, mean +- sample std over its seeds, '-' when absent."""
+def table(results: dict[str, list[dict]], columns=COLUMNS, drop_absent: bool = False) -> str:
+  """Markdown table: one row per preset, mean +- sample std over its seeds, '-' when absent;
+  with drop_absent, columns no run has are left out (e.g. register mass without registers)."""
   from qtx import metrics
+  if drop_absent:
+    present = {k for runs in results.values() for r in runs for k in r}
+    columns = tuple(c for c in columns if c[0] in present)
   return metrics.mean_std_table(results, columns, label="normalizer")
 
 
@@ -201,7 +209,7 @@ def run(config, workdir: str) -> dict:
       with open(config.sweep.out, "w") as f:
         f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column; "
                 f"mean ± std over seeds.\n\n### Quality\n\n{t}\n\n### Mechanism\n\n"
-                f"{table(with_step_time(results), MECHANISM)}\n\n### Cost\n\n{table(results, EXTRA)}\n\n"
+                f"{table(with_step_time(results), MECHANISM, drop_absent=True)}\n\n### Cost\n\n{table(results, EXTRA)}\n\n"
                 f"![remedies]({os.path.basename(figure)})\n")
   print(t)
   return results
