@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import micro_config
 
@@ -111,8 +112,20 @@ def test_quality_columns_follow_quant_settings():
   c = micro_config(**{"quant.settings": "w8a8_token,w4a8"})
   keys = [k for k, *_ in sweep.quality_columns(c)]
   assert keys == ["eval/zeroshot_top1", "ptq/w8a8_zeroshot_top1", "ptq/w8a8_token_zeroshot_top1",
-                  "ptq/w4a8_zeroshot_top1", "eval/i2t_r1", "ptq/w8a8_i2t_r1",
-                  "ptq/w8a8_token_i2t_r1", "ptq/w4a8_i2t_r1"]
+                  "ptq/w4a8_zeroshot_top1", "ptq/w8a8_zeroshot_loss",
+                  "ptq/w8a8_token_zeroshot_loss", "ptq/w4a8_zeroshot_loss", "eval/i2t_r1",
+                  "ptq/w8a8_i2t_r1", "ptq/w8a8_token_i2t_r1", "ptq/w4a8_i2t_r1"]
+
+
+def test_quantization_loss_is_paired_per_run():
+  runs = {"a": [{"eval/zeroshot_top1": 0.80, "ptq/w8a8_zeroshot_top1": 0.70,
+                 "ptq/fp_zeroshot_top1": 0.80},
+                {"eval/zeroshot_top1": 0.60, "ptq/w8a8_zeroshot_top1": 0.58}]}
+  out = sweep.with_losses(runs)["a"]
+  np.testing.assert_allclose([r["ptq/w8a8_zeroshot_loss"] for r in out], [0.10, 0.02])
+  assert "ptq/fp_zeroshot_loss" not in out[0] and "ptq/w8a8_zeroshot_loss" not in runs["a"][0]
+  row = sweep.table({"a": out}, (("ptq/w8a8_zeroshot_loss", "loss", 100.0),)).splitlines()[2]
+  assert row == "| a | 2 | 6.0 ± 5.7 |"  # mean and std of the per-run losses
 
 
 def test_override_parses_literals_and_names_unknown_keys():

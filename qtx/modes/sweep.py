@@ -162,9 +162,26 @@ def quality_columns(config) -> tuple:
   names = [main] + [n for n in setting_names(config.quant.get("settings", "")) if n != main]
   cols = [("eval/zeroshot_top1", "FP zero-shot top-1 (%)", 100.0)]
   cols += [(f"ptq/{n}_zeroshot_top1", f"{n.upper()} zero-shot top-1 (%)", 100.0) for n in names]
+  # the loss of each setting, per run (paired: seeds differ more than settings do)
+  cols += [(f"ptq/{n}_zeroshot_loss", f"{n.upper()} zero-shot loss (points)", 100.0)
+           for n in names]
   cols += [("eval/i2t_r1", "FP i2t R@1 (%)", 100.0)]
   cols += [(f"ptq/{n}_i2t_r1", f"{n.upper()} i2t R@1 (%)", 100.0) for n in names]
   return tuple(cols)
+
+
+def with_losses(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
+  """A copy of results where each run also has, per quantization setting n it was evaluated
+  in, ptq/<n>_zeroshot_loss = float zero-shot top-1 - its top-1 under n."""
+  def add(r):
+    fp = r.get("eval/zeroshot_top1")
+    extra = {}
+    for k, v in r.items():
+      if fp is not None and k.startswith("ptq/") and k.endswith("_zeroshot_top1") and \
+          not k.startswith("ptq/fp_"):
+        extra[k[:-len("_zeroshot_top1")] + "_zeroshot_loss"] = fp - v
+    return {**r, **extra}
+  return {name: [add(r) for r in runs] for name, runs in results.items()}
 
 
 def with_step_time(results: dict[str, list[dict]], baseline: str = "softmax"
@@ -201,7 +218,7 @@ def run(config, workdir: str) -> dict:
     results[preset].append(r)
     print(f"{preset} seed {seed}: " + ", ".join(
         f"{k}={r[k]:.4g}" for k, *_ in quality + MECHANISM + EXTRA if k in r), flush=True)
-    t = table(results, quality)
+    t = table(with_losses(results), quality)
     if config.sweep.out:
       figure = os.path.splitext(config.sweep.out)[0] + ".png"
       from qtx.analysis import figures
