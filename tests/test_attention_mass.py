@@ -21,6 +21,17 @@ def _zero_qk(params):
   return jax.tree_util.tree_map_with_path(zero, params)
 
 
+def _zero_qk_model(preset, **attention):
+  """(config, run, params) of the micro model with `preset`, the attention fields set in both
+  towers, and zero query/key projections (every score 0)."""
+  c = micro_config(preset)
+  for t in (c.model.image, c.model.text):
+    for k, v in attention.items():
+      t.attention[k] = v
+  s = run_lib.build(c)
+  return c, s, _zero_qk(run_lib.init_params(s, 0))
+
+
 def _images(c, n, plain_patches):
   """uint8 images: noise everywhere except `plain_patches` (patch indices) of one colour."""
   rng = np.random.default_rng(0)
@@ -100,11 +111,7 @@ def test_filler_and_content_queries_are_reported_apart():
   1 / (e^b + i + 1); the filler and content statistics average that over their own rows
   (content: after the start token, up to end-of-text, not filler), per layer and overall."""
   b = 0.3
-  c = micro_config("softmax_sink")
-  for t in (c.model.image, c.model.text):
-    t.attention.sink_init = b
-  s = run_lib.build(c)
-  params = _zero_qk(run_lib.init_params(s, 0))
+  c, s, params = _zero_qk_model("softmax_sink", sink_init=b)
   T = c.model.text.context_length
   F = (11, 12)  # filler ids
   seqs = [[49406, 11, 5, 12, 12, 6, 49407], [49406, 7, 11, 49407]]
@@ -135,11 +142,7 @@ def test_probability_grid_statistics_equal_their_closed_form():
   max(0, (1 - a) / N + a / N^2) (gamma = -a / N). With a = 1.1264 that is 0 for N >= 9, below
   half a step of the 8-bit grid (1/510) for N = 8 and above it for N <= 7."""
   a = 1.1264  # N = 8 gives 0.0018: between 1/600 and 1/510, so the threshold is checked too
-  c = micro_config("clipped_softmax")
-  for t in (c.model.image, c.model.text):
-    t.attention.alpha = a
-  s = run_lib.build(c)
-  params = _zero_qk(run_lib.init_params(s, 0))
+  c, s, params = _zero_qk_model("clipped_softmax", alpha=a)
   T = c.model.text.context_length
   lengths = [3, 8, 12, 16]
   tokens = np.zeros((4, T), np.int32)
