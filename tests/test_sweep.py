@@ -42,7 +42,7 @@ def test_run_config_applies_the_preset_and_keeps_other_overrides():
   r = sweep.run_config(c, "clipped_softmax", 7, "ptq")
   a = r.model.image.attention
   assert (r.seed, r.mode, r.train.lr) == (7, "ptq", 0.0123)
-  assert (a.normalizer, a.alpha, a.zeta, a.gate) == ("clipped_softmax", 1.0, 1.5, "none")
+  assert (a.normalizer, a.alpha, a.zeta, a.gate) == ("clipped_softmax", 0.5, 1.5, "none")
   g = sweep.run_config(c, "gated", 0, "train").model.text.attention
   assert (g.normalizer, g.gate) == ("softmax", "linear")
   assert c.seed == 0 and c.model.image.attention.normalizer == "softmax"  # c is not changed
@@ -54,7 +54,7 @@ def test_rows_carry_their_own_settings_after_the_preset():
       "clipped_softmax", ["model.image.attention.alpha=0.25", "model.text.attention.alpha=0.25",
                           "train.lr=0.5"])
   r = sweep.run_config(c, "clipped_softmax@alpha=0.25@model.text.attention.alpha=2", 3, "train")
-  # the preset sets alpha = 1; the row's settings come after it, the config's other keys stay
+  # the preset sets alpha = 0.5; the row's settings come after it, the config's other keys stay
   assert (r.model.image.attention.alpha, r.model.text.attention.alpha) == (0.25, 2)
   assert (r.model.image.attention.normalizer, r.model.image.attention.zeta) == (
       "clipped_softmax", 1.5)
@@ -95,6 +95,10 @@ def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]
   assert len(open(run_dir / "metrics.jsonl").read().splitlines()) == n_rows
   assert os.path.exists(run_dir / "ptq" / "metrics.jsonl")
+  # only_finished: a table of what is done; the unfinished seed 5 is not trained
+  c.sweep.seeds, c.sweep.only_finished = "0,5", True
+  assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]
+  assert not (tmp_path / "sw" / "softmax" / "seed5").exists()
 
 
 def test_step_time_is_relative_to_the_softmax_row():

@@ -16,7 +16,7 @@ config's PTQ setting and each of quant.settings), the mechanism (outliers per to
 attention goes, qtx.analysis.attention_mass, train step time relative to the softmax row) and
 cost; the figure (next to sweep.out, .png) draws the first two. Every (preset, seed) run lives in WORKDIR/<preset>/seed<k>
 with its own metrics.jsonl; finished runs are reused, so an interrupted sweep continues where it
-stopped.
+stopped, and `sweep.only_finished=True` tabulates the finished runs without training any.
 """
 from __future__ import annotations
 
@@ -213,20 +213,25 @@ def run(config, workdir: str) -> dict:
   cmd = "python -m qtx.main " + " ".join(sys.argv[1:]) if sys.argv[1:] else "(library call)"
   quality = quality_columns(config)
   t = ""
+  only_finished = bool(config.sweep.get("only_finished", False))
   for preset, seed in pairs:
-    r = run_one(config, preset, seed, os.path.join(workdir, preset, f"seed{seed}"))
+    run_dir = os.path.join(workdir, preset, f"seed{seed}")
+    if only_finished and not os.path.exists(os.path.join(run_dir, "done.json")):
+      continue
+    r = run_one(config, preset, seed, run_dir)
     results[preset].append(r)
+    shown = {k: v for k, v in results.items() if v}  # rows with a finished run
     print(f"{preset} seed {seed}: " + ", ".join(
         f"{k}={r[k]:.4g}" for k, *_ in quality + MECHANISM + EXTRA if k in r), flush=True)
-    t = table(with_losses(results), quality)
+    t = table(with_losses(shown), quality)
     if config.sweep.out:
       figure = os.path.splitext(config.sweep.out)[0] + ".png"
       from qtx.analysis import figures
-      figures.plot_remedies(results, quality, figure)
+      figures.plot_remedies(shown, quality, figure)
       with open(config.sweep.out, "w") as f:
         f.write(f"Command: `{cmd}`\n\nSeeds finished so far per row in the 'seeds' column; "
                 f"mean ± std over seeds.\n\n### Quality\n\n{t}\n\n### Mechanism\n\n"
-                f"{table(with_step_time(results), MECHANISM, drop_absent=True)}\n\n### Cost\n\n{table(results, EXTRA)}\n\n"
+                f"{table(with_step_time(shown), MECHANISM, drop_absent=True)}\n\n### Cost\n\n{table(shown, EXTRA)}\n\n"
                 f"![remedies]({os.path.basename(figure)})\n")
   print(t)
   return results
