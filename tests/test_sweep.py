@@ -61,6 +61,9 @@ def test_rows_carry_their_own_settings_after_the_preset():
   c.sweep.normalizers, c.sweep.seeds = "softmax,clipped_softmax@alpha=0.5", "0"
   assert sweep.plan(c) == [("softmax", 0), ("clipped_softmax@alpha=0.5", 0)]
   for bad, msg in (("clipped_softmax@alpha", "is not KEY=VALUE"),
+                   ("clipped_softmax@alpha=abc", "sweep row 'clipped_softmax@alpha=abc'"),
+                   ("softmax@data.path=/a/b", "has a '/'"),
+                   ("softmax,softmax", "listed twice"),
                    ("clipped_softmax@alpah=1", "unknown config key 'model.image.attention.alpah'"),
                    ("clipped@alpha=1", "unknown preset 'clipped'")):
     c.sweep.normalizers = bad
@@ -95,6 +98,12 @@ def test_sweep_trains_quantizes_tabulates_and_reuses_finished_runs(tmp_path):
   assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]
   assert len(open(run_dir / "metrics.jsonl").read().splitlines()) == n_rows
   assert os.path.exists(run_dir / "ptq" / "metrics.jsonl")
+  # a finished run made with other settings is not tabulated under this row
+  c2 = c.copy_and_resolve_references()
+  c2.train.lr = 0.5
+  with pytest.raises(ValueError, match=r"holds a finished run of row 'softmax' seed 0 made with "
+                     r"other settings \(train.lr: 0.003 -> 0.5\)"):
+    modes.run(c2, str(tmp_path / "sw"))
   # only_finished: a table of what is done; the unfinished seed 5 is not trained
   c.sweep.seeds, c.sweep.only_finished = "0,5", True
   assert modes.run(c, str(tmp_path / "sw"))["softmax"] == [done]

@@ -80,6 +80,9 @@ def _words(spec: str, what: str) -> list[str]:
 def parse_row(row: str) -> tuple[str, list[str]]:
   """A sweep row 'PRESET[@KEY=VALUE...]' -> (preset, config overrides 'path=value'): a bare
   KEY names a field of both towers' attention blocks, a dotted KEY is a config path."""
+  if "/" in row or row.strip() in (".", ".."):
+    raise ValueError(f"sweep.normalizers: row {row!r} has a '/'; a row names its run folder, "
+                     f"so its settings cannot hold paths (set those for the whole sweep)")
   preset, *settings = [w.strip() for w in row.split("@")]
   if preset not in config_lib.NORMALIZER_PRESETS:
     raise ValueError(f"sweep.normalizers: unknown preset {preset!r} in row {row!r}; choose "
@@ -102,6 +105,8 @@ def plan(config) -> list[tuple[str, int]]:
   presets = _words(config.sweep.normalizers, "normalizers")
   for p in presets:
     run_config(config, p, 0, "train")  # names a bad preset, setting or key before any training
+  if len(set(presets)) != len(presets):
+    raise ValueError(f"sweep.normalizers: a row is listed twice in {config.sweep.normalizers!r}")
   try:
     seeds = [int(s) for s in _words(config.sweep.seeds, "seeds")]
   except ValueError as e:
@@ -119,11 +124,29 @@ def run_config(config, preset: str, seed: int, mode: str):
   for o in overrides:
     try:
       config_lib.override(c, o)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
       raise ValueError(f"sweep row {preset!r}: {e}") from None
   c.seed = seed
   c.mode = mode
   return c
+
+
+# Keys that decide a run's result (a finished run is reused only when they match); the train
+# block's logging interval does not.
+_RESULT_KEYS = ("seed", "model.", "data.", "train.")
+_NOT_RESULT_KEYS = ("train.log_every",)
+
+
+def settings_changed(saved: dict, config) -> list[str]:
+  """'key: saved -> wanted' for every result-defining key of `config` whose value differs from
+  the saved config.json of a finished run (keys the saved config predates are not compared)."""
+  from qtx.modes.train import _flat
+  old = _flat(json.loads(json.dumps(config_lib.fill_legacy(saved))))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  keys = [k for k in sorted(set(old) & set(new))
+          if (k == "seed" or k.startswith(_RESULT_KEYS[1:])) and k not in _NOT_RESULT_KEYS
+          and old[k] != new[k]]
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys]
 
 
 def run_one(config, preset: str, seed: int, workdir: str) -> dict:
@@ -131,6 +154,16 @@ def run_one(config, preset: str, seed: int, workdir: str) -> dict:
   from qtx import modes
   done = os.path.join(workdir, "done.json")
   if os.path.exists(done):
+    saved = os.path.join(workdir, "config.json")
+    if os.path.exists(saved):
+      with open(saved) as f:
+        changed = settings_changed(json.load(f), run_config(config, preset, seed, "train"))
+      if changed:
+        raise ValueError(
+            f"sweep: {workdir} holds a finished run of row {preset!r} seed {seed} made with "
+            f"other settings ({'; '.join(changed)}); its result would be tabulated under this "
+            f"row. Move it away or use another --workdir to train the row anew, or restore "
+            f"those settings")
     with open(done) as f:
       return json.load(f)
   t0 = time.perf_counter()
@@ -172,9 +205,10 @@ def quality_columns(config) -> tuple:
 
 def with_losses(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
   """A copy of results where each run also has, per quantization setting n it was evaluated
-  in, ptq/<n>_zeroshot_loss = float zero-shot top-1 - its top-1 under n."""
+  in, ptq/<n>_zeroshot_loss = float zero-shot top-1 (PTQ's float evaluation, else the
+  training's) - its top-1 under n."""
   def add(r):
-    fp = r.get("eval/zeroshot_top1")
+    fp = r.get("ptq/fp_zeroshot_top1", r.get("eval/zeroshot_top1"))  # PTQ's own float eval
     extra = {}
     for k, v in r.items():
       if fp is not None and k.startswith("ptq/") and k.endswith("_zeroshot_top1") and \
