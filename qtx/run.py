@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 import optax
 
 from qtx import checkpoint as ckpt_lib
@@ -154,11 +155,44 @@ def params_from(path: str, run: Run, seed: int):
     from qtx import weights
     params = weights.load_into(path, jax.device_get(init_params(run, seed)), run.config)
     return jax.device_put(params, run.params_sharding), 0
+  warn_model_differences(path, run.config)
   try:
     return ckpt_lib.restore_params(path, run.abstract_params)
   except ValueError as e:  # orbax: stored shapes differ from this config's model
     raise ValueError(f"checkpoint {path!r} does not match the model of this config (same "
                      f"model.* settings as the run that wrote it?): {e}") from e
+
+
+def warn_model_differences(path: str, config) -> list[str]:
+  """Warns (and returns the lines) when the qtx run that wrote the checkpoint at `path` had other
+  model.* settings than `config`: settings that are not parameters (clipped softmax's alpha, a
+  normalizer with the same parameters) load without error but evaluate another model."""
+  root = os.path.abspath(path)
+  for _ in range(3):  # the workdir, its checkpoints/ folder or one step folder
+    if os.path.isfile(os.path.join(root, "config.json")):
+      break
+    root = os.path.dirname(root)
+  else:
+    return []
+  try:
+    saved = load_config(root).to_dict()
+  except (OSError, ValueError):
+    return []
+  def flat(d, prefix):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  old = flat(json.loads(json.dumps(saved.get("model", {}))), "model.")
+  new = flat(json.loads(config.model.to_json_best_effort()), "model.")
+  lines = [f"{k}: {old[k]!r} (trained) -> {new[k]!r}" for k in sorted(set(old) & set(new))
+           if old[k] != new[k] and not k.endswith((".impl", ".scan", ".remat"))]
+  if lines:
+    msg = (f"qtx: warning: {path} was trained with other model settings; this run uses "
+           f"its parameters with these: " + "; ".join(lines))
+    logging.warning(msg)
+    print(msg, flush=True)
+  return lines
 
 
 def load_params(config, workdir: str, run: Optional[Run] = None):

@@ -114,11 +114,12 @@ def test_filler_and_content_queries_are_reported_apart():
   c, s, params = _zero_qk_model("softmax_sink", sink_init=b)
   T = c.model.text.context_length
   F = (11, 12)  # filler ids
-  seqs = [[49406, 11, 5, 12, 12, 6, 49407], [49406, 7, 11, 49407]]
-  tokens = np.zeros((2, T), np.int32)
+  # the third sequence has no filler: it is left out of the filler mean, not counted as 0
+  seqs = [[49406, 11, 5, 12, 12, 6, 49407], [49406, 7, 11, 49407], [49406, 8, 49407]]
+  tokens = np.zeros((3, T), np.int32)
   for r, q in enumerate(seqs):
     tokens[r, :len(q)] = q
-  images = _images(c, 2, [])
+  images = _images(c, 3, [])
   m = am.attention_mass_metrics(s.model, params, images, tokens, 2, c.model.image.patch_size,
                                 filler_ids=F)
   eb = math.exp(b)
@@ -127,21 +128,26 @@ def test_filler_and_content_queries_are_reported_apart():
     rows = {"filler": [i for i, t in enumerate(q) if t in F],
             "content": [i for i, t in enumerate(q) if i > 0 and t not in F]}
     for g, idx in rows.items():
-      want[g].append(np.mean([1 / (eb + i + 1) for i in idx]))
+      if idx:
+        want[g].append(np.mean([1 / (eb + i + 1) for i in idx]))
+  assert len(want["filler"]) == 2 and len(want["content"]) == 3
   for g in ("filler", "content"):
     np.testing.assert_allclose(m[f"attn/text/first_key_mass_{g}"], np.mean(want[g]), rtol=1e-5)
     for layer in range(c.model.text.depth):
       np.testing.assert_allclose(m[f"attn/text/first_key_mass_{g}/layer_{layer}"],
                                  np.mean(want[g]), rtol=1e-5)
-  assert not any("filler" in k for k in am.attention_mass_metrics(
+  assert not any("filler" in k or "#" in k for k in am.attention_mass_metrics(
       s.model, params, images, tokens, 2, c.model.image.patch_size))
+  assert not any("#" in k for k in m)
 
 
-def test_probability_grid_statistics_equal_their_closed_form():
+@pytest.mark.parametrize("a", [1.1264, 1.115])
+def test_probability_grid_statistics_equal_their_closed_form(a):
   """Clipped softmax with zero query/key projections: a row that sees N keys gives each of them
-  max(0, (1 - a) / N + a / N^2) (gamma = -a / N). With a = 1.1264 that is 0 for N >= 9, below
-  half a step of the 8-bit grid (1/510) for N = 8 and above it for N <= 7."""
-  a = 1.1264  # N = 8 gives 0.0018: between 1/600 and 1/510, so the threshold is checked too
+  max(0, (1 - a) / N + a / N^2) (gamma = -a / N): exact zeros for large N, entries below half a
+  step of the 8-bit grid (1/510) and entries above it."""
+  # a = 1.1264: N = 8 gives 0.0018, between 1/600 and 1/510; a = 1.115: N = 8 gives 0.0030,
+  # between 1/510 and 1/255 (and N = 9 0.0010): the threshold is pinned from both sides
   c, s, params = _zero_qk_model("clipped_softmax", alpha=a)
   T = c.model.text.context_length
   lengths = [3, 8, 12, 16]

@@ -105,3 +105,23 @@ def test_sigterm_saves_at_current_step_and_exits_cleanly(tmp_path):
   assert _saved_steps(tmp_path) == [step]
   assert step >= 3
   assert max(_losses(tmp_path)) <= step
+
+
+def test_loading_parameters_trained_with_other_model_settings_warns(tmp_path, capsys):
+  """alpha is not a parameter: an alpha = 1 checkpoint loads into an alpha = 0.5 model without
+  error, so loading names the difference (impl, scan and remat do not change the model)."""
+  from qtx import config_lib
+  from qtx import run as run_lib
+  trained = config_lib.tiny_config("clipped_softmax")
+  trained.model.image.attention.alpha = 1.0
+  step = tmp_path / "checkpoints" / "1300"
+  step.mkdir(parents=True)
+  (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+  now = config_lib.tiny_config("clipped_softmax")
+  now.model.image.attention.impl = "pallas"
+  assert run_lib.warn_model_differences(str(step), now) == [
+      "model.image.attention.alpha: 1.0 (trained) -> 0.5"]
+  assert "was trained with other model settings" in capsys.readouterr().out
+  now.model.image.attention.alpha = 1.0
+  assert run_lib.warn_model_differences(str(tmp_path), now) == []
+  assert run_lib.warn_model_differences(str(tmp_path / "nowhere" / "a" / "b"), now) == []

@@ -428,3 +428,19 @@ def test_filler_words_are_inserted_and_change_nothing_else():
   assert fill[4]["caption"] == syn.SyntheticShapes("train", 32, seed=3, filler=5)[4]["caption"]
   with pytest.raises(ValueError, match="filler must be a non-negative int"):
     syn.SyntheticShapes("train", 32, filler=-1)
+
+
+def test_ptq_knows_the_filler_words_token_ids():
+  from qtx import config_lib
+  from qtx.data import tokenizer
+  from qtx.modes import ptq
+  c = config_lib.tiny_config()
+  assert ptq.filler_token_ids(c) == ()
+  c.data.synthetic.filler = 3
+  ids = ptq.filler_token_ids(c)
+  assert len(ids) == len(syn.FILLER_WORDS)
+  for w, i in zip(syn.FILLER_WORDS, ids):  # each word is exactly that one token
+    np.testing.assert_array_equal(tokenizer.tokenize([w], 4)[0], [49406, i, 49407, 0])
+  # and the eval split carries the filler too
+  src = syn._synthetic_factory(c, "eval")
+  assert sum(w in syn.FILLER_WORDS for w in src[0]["caption"].split()) == 3

@@ -321,6 +321,9 @@ def test_index_fingerprint_guards_resume_against_changed_shards(tmp_path):
   fa = src(a).fingerprint()
   assert fa == src(b).fingerprint() and len(fa) == 16
   assert fa != src(os.path.join(a, "{00000..00001}.tar")).fingerprint()
+  c = str(tmp_path / "c")
+  make_shards(c, n_shards=3, per_shard=4, seed=1)  # as many samples, other images
+  assert len(src(c)) == len(src(a)) and src(c).fingerprint() != fa
   wd = str(tmp_path / "run")
   train.check_data_index(src(a), wd, resuming=False)
   saved = json.load(open(os.path.join(wd, train.DATA_INDEX_FILE)))

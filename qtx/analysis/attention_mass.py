@@ -16,8 +16,11 @@ layers:
                                 are uniform (max - min <= data-range/32 per channel)
   attn/image/register_mass      E[sum over register tokens j of p_ij] (model.image.registers)
 
-How much of the attention an 8-bit probability grid erases (the grid of [0, 1] in steps of
-1/255, where values below half a step round to 0), over the entries each row sees:
+How much of the attention an 8-bit probability grid of [0, 1] erases (steps of 1/255; values
+below half a step round to 0), over the entries each row sees. This is the per-tensor grid of
+a layer whose largest probability is 1 (the calibrated range), as in every layer of the
+clipped-softmax models measured here; a layer whose probabilities stay lower gets a finer grid
+and loses less than these statistics say:
   attn/<tower>/prob_zero_fraction      entries exactly 0 (clipped softmax's clipped keys)
   attn/<tower>/prob_tiny_fraction      non-zero entries below 1/510, of the non-zero entries
   attn/<tower>/prob_tiny_mass          their summed probability per row (mass lost to rounding)
@@ -44,6 +47,7 @@ from qtx.quant import outliers
 BACKGROUND_RANGE = 8  # uint8 levels: a patch whose every channel spans at most this is plain
 
 
+_HAS_ROWS = "#has_rows"  # per-sequence indicator of a query group (internal)
 # Half a step of the 8-bit grid of [0, 1]: smaller probabilities round to 0.
 TINY_PROB = 1.0 / 510.0
 
@@ -108,6 +112,8 @@ def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 
         mass = _row_means(p, g_rows)[1][..., 0].mean(-1)
         out.setdefault(f"first_key_mass_{g}", []).append(mass)
         out[f"first_key_mass_{g}/layer_{l}"] = [mass]
+    for g, g_rows in groups.items():  # sequences without such rows are left out of the mean
+      out[f"first_key_mass_{g}" + _HAS_ROWS] = [jnp.any(g_rows, -1).astype(jnp.float32)]
     seen = rows[:, None, :, None] & jnp.ones((1, 1, T, S), bool)
     if tower == "text":  # causal: row i sees keys 0..i
       seen = seen & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
@@ -159,5 +165,9 @@ def attention_mass_metrics(model: CLIP, params, images: np.ndarray, tokens: np.n
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid, axis=0)])
       for k, v in fn(params, chunk).items():
         sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64)[:valid]))
-    metrics.update({f"{prefix}{tower}/{k}": v / n for k, v in sums.items()})
+    for k, v in sums.items():
+      if k.endswith(_HAS_ROWS):
+        continue
+      group = k.split("/")[0] + _HAS_ROWS  # a group statistic: over the sequences that have rows
+      metrics[f"{prefix}{tower}/{k}"] = v / max(sums[group], 1.0) if group in sums else v / n
   return metrics

@@ -288,8 +288,13 @@ def check_data_index(src, workdir: str, resuming: bool) -> None:
       "every host and that no shard was unreadable on one of them (the log names skipped "
       "shards).")
   path = epath.Path(workdir) / DATA_INDEX_FILE
-  if resuming and path.exists():
-    old = json.loads(path.read_text())
+  old = json.loads(path.read_text()) if resuming and path.exists() else None
+  # every process must take the same decision below (one raising while the others go on
+  # would leave them waiting in the first collective)
+  distributed.assert_same(
+      f"the saved data index {path}", str((old or {}).get("fingerprint", "absent")),
+      "Every host must see the same workdir (a shared file system or bucket).")
+  if old is not None:
     if old.get("fingerprint") != fp:
       raise ValueError(
           f"resuming {workdir}: the training data changed since the run started (it had "
