@@ -290,6 +290,26 @@ MUTANTS = (
     M("w4a8_is_w8a8", "the named setting w4a8 quantizes weights to 8 bits",
       "qtx/quant/settings.py", '"w4a8": dict(weight_bits=4,', '"w4a8": dict(weight_bits=8,',
       "tests/test_ptq.py"),
+    M("prob_grid_full_step", "probabilities below a full 8-bit step (1/255), not half, count as erased",
+      "qtx/analysis/attention_mass.py", "TINY_PROB = 1.0 / 510.0", "TINY_PROB = 1.0 / 255.0",
+      "tests/test_attention_mass.py"),
+    M("filler_counts_as_content", "content queries include the filler tokens",
+      "qtx/analysis/attention_mass.py",
+      '"content": rows & ~is_filler & after_start', '"content": rows & after_start',
+      "tests/test_attention_mass.py"),
+    # data, sweep
+    M("worker_skips_dropped", "bad records found in grain worker processes never reach data/skipped",
+      "qtx/data/pipeline.py", "    ds = ds.map(sources.absorb_skips)",
+      "    ds = ds.map(lambda b: {k: v for k, v in b.items() if k != sources.SKIP_FIELD})",
+      "tests/test_webdataset.py"),
+    M("resume_ignores_changed_shards", "a resume does not compare the training data's index",
+      "qtx/modes/train.py", '    if old.get("fingerprint") != fp:', "    if False:",
+      "tests/test_webdataset.py"),
+    M("sweep_row_settings_ignored", "a sweep row's @KEY=VALUE settings are not applied",
+      "qtx/modes/sweep.py", "      config_lib.override(c, o)", "      pass", "tests/test_sweep.py"),
+    M("sweep_reuses_other_settings", "a finished run is reused whatever settings made it",
+      "qtx/modes/sweep.py", "      if changed:\n        raise ValueError(",
+      "      if False:\n        raise ValueError(", "tests/test_sweep.py"),
 
 )
 
