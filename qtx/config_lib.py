@@ -6,6 +6,8 @@ ConfigDict (on command-line overrides) and by `validate`.
 """
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from qtx.data import registry
@@ -346,6 +348,33 @@ def _node(config, parents, create: bool):
       node[p] = {}
     node = node[p]
   return node
+
+
+ABSENT = "<absent>"
+
+
+def flat(d, prefix: str = "") -> dict:
+  """Nested dicts -> {'a.b.c': value}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def differences(saved: dict, config: ml_collections.ConfigDict, both: bool = False
+                ) -> dict[str, tuple]:
+  """{key: (saved value, config's value)} for every flat key where the saved config (a run's
+  config.json, legacy keys filled in) and `config` differ; a key one side lacks has ABSENT
+  there, or is skipped with both=True (only keys both have are compared)."""
+  # the JSON round trip makes tuples compare like the saved lists
+  old = flat(json.loads(json.dumps(fill_legacy(saved))))
+  new = flat(json.loads(config.to_json_best_effort()))
+  keys = set(old) & set(new) if both else set(old) | set(new)
+  return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(keys)
+          if old.get(k, ABSENT) != new.get(k, ABSENT)}
 
 
 def fill_legacy(config: dict) -> dict:

@@ -175,18 +175,13 @@ def warn_model_differences(path: str, config) -> list[str]:
   else:
     return []
   try:
-    saved = load_config(root).to_dict()
+    with open(os.path.join(root, "config.json")) as f:
+      saved = json.load(f)
   except (OSError, ValueError):
     return []
-  def flat(d, prefix):
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-  old = flat(json.loads(json.dumps(saved.get("model", {}))), "model.")
-  new = flat(json.loads(config.model.to_json_best_effort()), "model.")
-  lines = [f"{k}: {old[k]!r} (trained) -> {new[k]!r}" for k in sorted(set(old) & set(new))
-           if old[k] != new[k] and not k.endswith((".impl", ".scan", ".remat"))]
+  lines = [f"{k}: {a!r} (trained) -> {b!r}"
+           for k, (a, b) in config_lib.differences(saved, config, both=True).items()
+           if k.startswith("model.") and not k.endswith((".impl", ".scan", ".remat"))]
   if lines:
     msg = (f"qtx: warning: {path} was trained with other model settings; this run uses "
            f"its parameters with these: " + "; ".join(lines))

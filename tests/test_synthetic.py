@@ -430,17 +430,20 @@ def test_filler_words_are_inserted_and_change_nothing_else():
     syn.SyntheticShapes("train", 32, filler=-1)
 
 
-def test_ptq_knows_the_filler_words_token_ids():
+def test_the_eval_task_knows_the_filler_words_token_ids():
   from qtx import config_lib
-  from qtx.data import tokenizer
-  from qtx.modes import ptq
+  from qtx.data import pipeline, tokenizer
   c = config_lib.tiny_config()
-  assert ptq.filler_token_ids(c) == ()
+  c.data.synthetic.eval_size = 4
+  assert pipeline.eval_task(c).filler_token_ids() == ()
   c.data.synthetic.filler = 3
-  ids = ptq.filler_token_ids(c)
-  assert len(ids) == len(syn.FILLER_WORDS)
+  task = pipeline.eval_task(c)
+  ids = task.filler_token_ids()
+  assert task.filler_words == syn.FILLER_WORDS and len(ids) == len(syn.FILLER_WORDS)
   for w, i in zip(syn.FILLER_WORDS, ids):  # each word is exactly that one token
     np.testing.assert_array_equal(tokenizer.tokenize([w], 4)[0], [49406, i, 49407, 0])
-  # and the eval split carries the filler too
-  src = syn._synthetic_factory(c, "eval")
-  assert sum(w in syn.FILLER_WORDS for w in src[0]["caption"].split()) == 3
+  # the eval captions carry the fillers: their tokens include them
+  assert np.isin(task.tokens, ids).sum(-1).min() >= 1
+  with pytest.raises(ValueError, match="'hello world' is not one token"):
+    pipeline.EvalTask("x", task.images, task.tokens, None, filler_words=("hello world",)
+                      ).filler_token_ids()

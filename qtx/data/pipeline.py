@@ -97,10 +97,23 @@ class EvalTask:
   # M: the image each caption belongs to, for several captions per image (COCO / Flickr30k
   # style: tokens is then M x T); None means caption i belongs to image i.
   caption_image: Optional[np.ndarray] = None
+  # words of the captions that say nothing about the image (a source's `filler_words`, e.g.
+  # data.synthetic.filler); attention statistics report their queries apart
+  filler_words: Sequence[str] = ()
 
   def prompt_tokens(self, context_length: int) -> np.ndarray:
     """C x M x T tokens: every class name in every template."""
     return prompt_tokens(self.class_names, self.templates, self.prompts, context_length)
+
+  def filler_token_ids(self) -> tuple[int, ...]:
+    """The token id of each filler word (each must be one token)."""
+    ids = []
+    for w in self.filler_words:
+      toks = tokenizer_lib.tokenize([w], 4)[0]
+      if np.count_nonzero(toks) != 3:  # start, the word, end
+        raise ValueError(f"filler word {w!r} is not one token")
+      ids.append(int(toks[1]))
+    return tuple(ids)
 
 
 def prompt_tokens(class_names, templates, prompts, context_length: int) -> np.ndarray:
@@ -169,7 +182,8 @@ def eval_task(config, num_samples: Optional[int] = None, source=None) -> EvalTas
                   caption_image=caption_image,
                   class_names=tuple(getattr(src, "class_names", ())),
                   templates=tuple(getattr(src, "templates", ())),
-                  prompts=tuple(tuple(p) for p in getattr(src, "prompts", ())))
+                  prompts=tuple(tuple(p) for p in getattr(src, "prompts", ())),
+                  filler_words=tuple(getattr(src, "filler_words", ())))
 
 
 # Sources evaluated as whole classification splits, streamed (never held in memory whole):

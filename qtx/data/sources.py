@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import threading
 from typing import Any, Optional, Sequence, Union
 
@@ -100,8 +101,7 @@ class SkipCounter:
     """(key, path, reason) of the distinct bad records after the first `n` seen: what a worker
     process has found since it last reported (`SkipReport`)."""
     with self._lock:
-      keys = list(self._seen)[n:]
-      return [(k, *self._seen[k]) for k in keys]
+      return [(k, *v) for k, v in itertools.islice(self._seen.items(), n, None)]
 
   @property
   def events(self) -> int:
@@ -176,7 +176,6 @@ def absorb_skips(batch, counter: Optional["SkipCounter"] = None):
   for key, path, reason in np.asarray(batch.pop(SKIP_FIELD, np.zeros((0, 3), np.str_))):
     counter.record(str(path), str(reason), key=str(key))
   return batch
-
 
 
 # ---------------------------------------------------------------------------------------------

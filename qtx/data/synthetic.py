@@ -341,6 +341,7 @@ def _synthetic_factory(config, split):
   src.class_names = tuple(CLASS_NAMES)
   src.templates = tuple(TEMPLATES)
   src.prompts = zeroshot_prompts()  # with the right article ("an orange circle")
+  src.filler_words = FILLER_WORDS if src.filler else ()
   return src
 
 

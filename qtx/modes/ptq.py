@@ -55,15 +55,6 @@ TABLE_METRICS = (("zeroshot_top1", "zero-shot top-1"), ("i2t_r1", "i2t R@1"),
 
 # ----------------------------------------------------------------------------- calibration batches
 
-
-def filler_token_ids(config) -> tuple[int, ...]:
-  """Token ids of the synthetic captions' filler words when data.synthetic.filler is on."""
-  if config.data.name != "synthetic" or not int(config.data.get("synthetic", {}).get("filler", 0)):
-    return ()
-  from qtx.data import synthetic_captions, tokenizer
-  toks = tokenizer.tokenize(list(synthetic_captions.FILLER_WORDS), 4)
-  return tuple(int(t[1]) for t in toks)  # each filler word is one token after the start token
-
 def iter_calibration_batches(config, s: Run, num_batches: int | None = None
                              ) -> Iterator[dict]:
   """The first `quant.calib_batches` training batches as global (sharded) arrays, one at a
@@ -227,7 +218,7 @@ def run(config, workdir: str, ablate: bool | None = None) -> dict:
   metrics.update(outliers.outlier_metrics(s.model, params, task.images, task.tokens, bs))
   metrics.update(attention_mass.attention_mass_metrics(
       s.model, params, task.images, task.tokens, bs, config.model.image.patch_size,
-      config.model.image.get("registers", 0), filler_ids=filler_token_ids(config)))
+      config.model.image.get("registers", 0), filler_ids=task.filler_token_ids()))
 
   rows = {"fp": _strip(fp, "ptq/fp_"), label: _strip(q, f"ptq/{label}_")}
   if settings and batches is None:  # nothing was calibrated for the main setting

@@ -140,13 +140,9 @@ _NOT_RESULT_KEYS = ("train.log_every",)
 def settings_changed(saved: dict, config) -> list[str]:
   """'key: saved -> wanted' for every result-defining key of `config` whose value differs from
   the saved config.json of a finished run (keys the saved config predates are not compared)."""
-  from qtx.modes.train import _flat
-  old = _flat(json.loads(json.dumps(config_lib.fill_legacy(saved))))
-  new = _flat(json.loads(config.to_json_best_effort()))
-  keys = [k for k in sorted(set(old) & set(new))
-          if (k == "seed" or k.startswith(_RESULT_KEYS[1:])) and k not in _NOT_RESULT_KEYS
-          and old[k] != new[k]]
-  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys]
+  return [f"{k}: {a!r} -> {b!r}"
+          for k, (a, b) in config_lib.differences(saved, config, both=True).items()
+          if (k == "seed" or k.startswith(_RESULT_KEYS[1:])) and k not in _NOT_RESULT_KEYS]
 
 
 def run_one(config, preset: str, seed: int, workdir: str) -> dict:

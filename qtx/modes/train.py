@@ -260,28 +260,18 @@ def _check_finite(step, metrics):
         f"this step is intact; lower train.lr or check the data.")
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 DATA_INDEX_FILE = "data_index.json"
 
 
 def check_data_index(src, workdir: str, resuming: bool) -> None:
-  """For sources with an index fingerprint (webdataset): every process must have built the same
+  """For sources with an index fingerprint and a `describe()` line (webdataset): every process must have built the same
   index (else the per-process split would repeat and drop samples), and a resumed run must find
   the index it started with (else its saved position would point at other samples). The first
   start writes WORKDIR/data_index.json."""
   if not hasattr(src, "fingerprint"):
     return
   fp = src.fingerprint()
-  what = src.describe() if hasattr(src, "describe") else f"{len(src)} samples"
+  what = src.describe()
   distributed.assert_same(
       "the training data's index", f"{fp} ({len(src)} samples)",
       "Every host must see the same shards: check that data.path lists the same files on "
@@ -322,20 +312,16 @@ def resume_changes(config, workdir: str) -> list[str]:
   ckpts = wd / "checkpoints"
   if not (saved.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
     return []
-  # the JSON round trip makes legacy tuples compare like the saved lists
-  old = _flat(json.loads(json.dumps(config_lib.fill_legacy(json.loads(saved.read_text())))))
-  new = _flat(json.loads(config.to_json_best_effort()))
-  changed = [k for k in sorted(set(old) | set(new))
-             if k not in ("mode", "init_from") and old.get(k, "<absent>") != new.get(k, "<absent>")]
-  if not changed:
+  diff = {k: v for k, v in config_lib.differences(json.loads(saved.read_text()), config).items()
+          if k not in ("mode", "init_from")}
+  if not diff:
     return []
-  order = [k for k in changed if k in DATA_ORDER_KEYS or k.startswith("model.")]
+  order = [k for k in diff if k in DATA_ORDER_KEYS or k.startswith("model.")]
   if order:
     raise ValueError(
-        f"resuming {workdir}: {', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in order)}"
+        f"resuming {workdir}: {', '.join(f'{k} {diff[k][0]!r} -> {diff[k][1]!r}' for k in order)}"
         " changed since the run was started; the saved data position (or the model) would not "
         "mean the same any more. Use a new --workdir, or resume with the old values")
   head = (f"resuming {workdir} with a config that differs from the one it was trained with "
-          f"({len(changed)} key(s)); the run continues from its checkpoint with the new values:")
-  return [head] + [f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-                   for k in changed]
+          f"({len(diff)} key(s)); the run continues from its checkpoint with the new values:")
+  return [head] + [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
