@@ -1,4 +1,5 @@
 """The command line for people: one-line errors (tracebacks behind --verbose), --print_config."""
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,18 @@ def test_fill_legacy_migrates_what_old_runs_saved():
   assert new["model"]["image"]["attention"]["sink_init"] == 0.0  # a normalizer added later
   kept = config_lib.fill_legacy({"quant": {"keep_float": "head, weights"}})
   assert kept["quant"]["keep_float"] == "head, weights"  # nothing legacy: left as written
+
+
+def test_config_differences_name_changed_and_one_sided_keys():
+  from qtx import config_lib
+  c = config_lib.tiny_config()
+  saved = json.loads(c.to_json_best_effort())
+  assert config_lib.differences(json.loads(json.dumps(saved)), c) == {}
+  saved["train"]["lr"] = 0.5
+  del saved["sweep"]["only_finished"]  # a key the saved run predates (no legacy default)
+  saved["model"]["extra"] = 1  # a key this config lacks
+  d = config_lib.differences(json.loads(json.dumps(saved)), c)
+  assert d == {"train.lr": (0.5, c.train.lr),
+               "sweep.only_finished": (config_lib.ABSENT, False),
+               "model.extra": (1, config_lib.ABSENT)}
+  assert config_lib.differences(saved, c, both=True) == {"train.lr": (0.5, c.train.lr)}
