@@ -61,6 +61,16 @@ def background_patches(images_BxHxWxC, patch_size: int):
   return jnp.all(p.max(2) - p.min(2) <= BACKGROUND_RANGE, axis=-1)
 
 
+def seen_entries(tower: str, x, T: int, S: int):
+  """B x 1 x T x S bool: the probabilities the statistics count, the entries each query row the
+  output depends on can attend (text: rows up to end-of-text, causal keys; image: all)."""
+  if tower == "text":
+    rows = valid_tokens(x)
+    causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]  # row i sees keys 0..i
+    return rows[:, None, :, None] & causal[None, None]
+  return jnp.ones((x.shape[0], 1, T, S), bool)
+
+
 def _probs(intermediates: Mapping[str, Any], tower_module: str) -> list[jax.Array]:
   enc = intermediates[tower_module]["encoder"]
   scanned = ("blocks",) if "blocks" in enc else ()
@@ -114,9 +124,7 @@ def make_mass_fn(model: CLIP, tower: str, patch_size: int = 0, registers: int = 
         out[f"first_key_mass_{g}/layer_{l}"] = [mass]
     for g, g_rows in groups.items():  # sequences without such rows are left out of the mean
       out[f"first_key_mass_{g}" + _HAS_ROWS] = [jnp.any(g_rows, -1).astype(jnp.float32)]
-    seen = rows[:, None, :, None] & jnp.ones((1, 1, T, S), bool)
-    if tower == "text":  # causal: row i sees keys 0..i
-      seen = seen & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
+    seen = seen_entries(tower, x, T, S)
     for k in ("prob_zero_fraction", "prob_tiny_fraction", "prob_tiny_mass"):
       out[k] = []
     for p in probs:
