@@ -220,7 +220,7 @@ MUTANTS = (
       '  if c.data.name == "synthetic" and not c.data.allow_synthetic:',
       "  if False:", "tests/test_model.py"),
     M("resume_order_unchecked", "a resume may change the data order", "qtx/modes/train.py",
-      '  order = [k for k in changed if k in DATA_ORDER_KEYS or k.startswith("model.")]',
+      '  order = [k for k in diff if k in DATA_ORDER_KEYS or k.startswith("model.")]',
       "  order = []", "tests/test_cli.py"),
     M("torchscript_unrefused", "TorchScript archives are opened without the opt-in",
       "qtx/weights/files.py", "  if is_torchscript(path) and not allow_torchscript:", "  if False:",
