@@ -92,3 +92,17 @@ def test_vs_commit_exports_a_commit_as_a_second_package(tmp_path):
   res = vs_commit.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                             steps=1, rounds=2, warmup=1)
   assert calls == ["a", "b", "a", "b", "b", "a"] and len(res["a"]) == 2
+
+
+def test_remedy_step_time_rows_are_sweep_rows_and_ratios_are_per_round():
+  from benchmarks import remedy_step_time as rst
+  from benchmarks.train_step import load_config
+  c = rst.row_config(load_config("configs/clip_tiny.py"), "clipped_softmax@alpha=1")
+  for tower in (c.model.image, c.model.text):
+    assert tower.attention.normalizer == "clipped_softmax"
+    assert tower.attention.alpha == 1.0
+  assert c.mesh.num_devices == 1
+  ms = {"softmax": [10.0, 20.0], "b": [15.0, 20.0]}
+  assert rst.ratios(ms, "softmax") == {"softmax": [1.0, 1.0], "b": [1.5, 1.0]}
+  text = rst.markdown(ms, "softmax", "hdr")
+  assert "| b | 17.5 (15.0-20.0) | 1.250 (1.00-1.50) |" in text
