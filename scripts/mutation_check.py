@@ -305,6 +305,12 @@ MUTANTS = (
     M("resume_ignores_changed_shards", "a resume does not compare the training data's index",
       "qtx/modes/train.py", '    if old.get("fingerprint") != fp:', "    if False:",
       "tests/test_webdataset.py"),
+    M("data_index_read_on_process_0_only", "only process 0 reads the saved data index on resume",
+      "qtx/modes/train.py",
+      "  old = json.loads(path.read_text()) if resuming and path.exists() else None",
+      "  old = (json.loads(path.read_text()) if resuming and path.exists()\n"
+      "         and jax.process_index() == 0 else None)",
+      "tests/test_multiprocess.py"),
     M("sweep_row_settings_ignored", "a sweep row's @KEY=VALUE settings are not applied",
       "qtx/modes/sweep.py", "      config_lib.override(c, o)", "      pass", "tests/test_sweep.py"),
     M("sweep_reuses_other_settings", "a finished run is reused whatever settings made it",

@@ -261,6 +261,37 @@ def test_two_processes_match_one_process(tmp_path):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
 
 
+@pytest.mark.slow
+def test_two_processes_agree_on_the_data_index_and_refuse_changed_shards(tmp_path):
+  """Webdataset training as 2 processes: process 0 writes WORKDIR/data_index.json once, and a
+  resume after a shard's content changed (same path) stops both processes with the message,
+  instead of one raising while the other waits in a collective."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from test_webdataset import make_shards
+  shards = tmp_path / "shards"
+  make_shards(str(shards), n_shards=4, per_shard=8)
+  flags = [f for f in MICRO_FLAGS if not f.startswith("--config.train.total_steps=")]
+  common = ["--config", "configs/clip_tiny.py", *flags, "--config.data.name=webdataset",
+            f"--config.data.path={shards / '{00000..00003}.tar'}",
+            "--workdir", str(tmp_path / "run")]
+  launch = ["--processes", "2", "--devices_per_process", "4", "--timeout", "300", "--"]
+  r = _launch([*launch, *common, "--config.train.total_steps=2"], _clean_env(), timeout=360)
+  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+  saved = json.loads((tmp_path / "run" / "data_index.json").read_text())
+  # (of the 32 samples, the source holds some out for evaluation when there is no eval_path)
+  assert saved["describe"].endswith(
+      f" train samples in 4 shard(s) of {str(shards / '{00000..00003}.tar')!r}"), saved
+  make_shards(str(shards / "other"), n_shards=1, per_shard=8, seed=1)
+  os.replace(shards / "other" / "00000.tar", shards / "00003.tar")  # same path, other images
+  t0 = time.time()
+  r = _launch([*launch, *common, "--config.train.total_steps=4"], _clean_env(), timeout=360)
+  out = r.stdout + r.stderr
+  assert r.returncode != 0 and time.time() - t0 < 200, out[-4000:]
+  assert "the training data changed since the run started" in out, out[-4000:]
+  assert "the saved data index" not in out and "differs between the processes" not in out
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Shell launchers with stand-ins for gcloud and srun (quoting, pid handling, srun arguments).
 
