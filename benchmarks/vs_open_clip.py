@@ -103,16 +103,21 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10, help="steps per side per round")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  p.add_argument("--devices", type=int, default=1,
+                 help="qtx side: split the batch over this many CPU devices (data parallel "
+                      "on the same cores; XLA runs each device's program on its own thread)")
   args = p.parse_args(argv)
-  from benchmarks.train_step import load_config
   import jax
+  if args.devices > 1:
+    jax.config.update("jax_num_cpu_devices", args.devices)
+  from benchmarks.train_step import load_config
   import importlib.metadata
   import torch
   open_clip_version = importlib.metadata.version("open_clip_torch")  # no import: torchvision-free
   config = load_config(args.config)
   config.train.batch_size = args.batch
-  config.mesh.num_devices = 1
-  config.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
+  config.mesh.num_devices = args.devices
+  config.mesh.shape = {"data": args.devices, "fsdp": 1, "tensor": 1}
   for t in (config.model.image, config.model.text):
     t.activation = "gelu"  # open_clip's nn.GELU (exact erf)
   res = alternate({"qtx": qtx_stepper(config),
@@ -121,7 +126,8 @@ def main(argv=None):
   ratios = [q / o for q, o in zip(res["qtx"], res["open_clip"])]
   print(f"device {jax.devices()[0].device_kind} | jax {jax.__version__} | torch "
         f"{torch.__version__} | open_clip {open_clip_version} | config {args.config} | "
-        f"batch {args.batch} | {args.rounds} rounds of {args.steps} steps per side")
+        f"batch {args.batch} | qtx on {args.devices} CPU device(s) | {args.rounds} rounds of "
+        f"{args.steps} steps per side")
   for name, v in res.items():
     print(f"{name:10s} {statistics.median(v):8.1f} samples/s (min {min(v):.1f}, max {max(v):.1f})")
   print(f"ratio qtx/open_clip: {statistics.median(ratios):.2f} (rounds: "
