@@ -17,27 +17,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-def _pin_xdist_worker():
-  """Give each pytest-xdist worker its own share of the cores (before JAX makes its threads).
-
-  Every worker's XLA sizes its thread pool to the cores it may use; two workers that each split
-  every tiny op over all cores wait on each other's threads. `QTX_TEST_PIN=0` turns this off.
-  """
-  worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
-      "PYTEST_XDIST_WORKER_COUNT")
-  if not worker or not count or os.environ.get("QTX_TEST_PIN", "1") == "0":
-    return
-  cpus = sorted(os.sched_getaffinity(0))
-  n, i = int(count), int(worker.removeprefix("gw"))
-  if n > len(cpus):
-    return
-  share = cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n]
-  os.sched_setaffinity(0, share)
-
-
-_pin_xdist_worker()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
