@@ -152,7 +152,10 @@ def main():
     if args.batch:
       c.train.batch_size = args.batch
     if args.mesh:
-      c.mesh.shape = tuple(int(x) for x in args.mesh.split(","))
+      sizes = [int(x) for x in args.mesh.split(",")]
+      if len(sizes) != 3:
+        p.error(f"--mesh takes three sizes (data,fsdp,tensor), got {args.mesh!r}")
+      c.mesh.shape = dict(zip(("data", "fsdp", "tensor"), sizes))
     c.model.dtype, c.model.remat, c.model.scan = dtype, remat, scan
     for t in (c.model.image, c.model.text):
       t.attention.impl = impl

@@ -50,13 +50,15 @@ def export_commit(rev: str, root: str, repo: str = ".") -> str:
   return root
 
 
-def stepper(package: str, config_path: str, batch: int | None, sets: list[str]):
-  """A callable running one train step of `package` on one device, blocked on its result."""
+def stepper(package: str, config_path: str, batch: int | None, sets: list[str],
+            devices: int = 1):
+  """A callable running one train step of `package` data-parallel over `devices` devices,
+  blocked on its result."""
   from benchmarks.vs_open_clip import qtx_stepper
   config_lib = importlib.import_module(f"{package}.config_lib")
   config = config_lib.load_config_file(config_path)
-  config.mesh.num_devices = 1
-  config.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
+  config.mesh.num_devices = devices
+  config.mesh.shape = {"data": devices, "fsdp": 1, "tensor": 1}
   if batch:
     config.train.batch_size = batch
   for kv in sets:
@@ -81,21 +83,28 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=10)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override applied to both sides (repeatable)")
+  p.add_argument("--devices", type=int, default=1,
+                 help="split the batch over this many CPU devices on both sides "
+                      "(vs_open_clip --devices)")
   args = p.parse_args(argv)
   import jax
+  if args.devices > 1:
+    jax.config.update("jax_num_cpu_devices", args.devices)
   rev = subprocess.run(["git", "rev-parse", "--short", args.base], check=True,
                        capture_output=True, text=True).stdout.strip()
   with tempfile.TemporaryDirectory() as root:
     export_commit(args.base, root)
     sys.path.insert(0, root)
     base_config = os.path.join(root, args.config)
-    steppers = {f"base {rev}": stepper(BASE_PACKAGE, base_config, args.batch, args.set),
-                "working tree": stepper("qtx", args.config, args.batch, args.set)}
+    steppers = {f"base {rev}": stepper(BASE_PACKAGE, base_config, args.batch, args.set,
+                                                   args.devices),
+                "working tree": stepper("qtx", args.config, args.batch, args.set,
+                                             args.devices)}
     res = alternate(steppers, args.steps, args.rounds)
   (base_name, base), (_, new) = res.items()
   speedups = [b / n for b, n in zip(base, new)]
   print(f"device {jax.devices()[0].device_kind} | jax {jax.__version__} | config {args.config} "
-        f"{' '.join(args.set)} | {args.rounds} rounds of {args.steps} steps per side")
+        f"{' '.join(args.set)} | {args.devices} device(s) | {args.rounds} rounds of {args.steps} steps per side")
   for name, v in res.items():
     print(f"{name:14s} {statistics.median(v):7.1f} ms/step (min {min(v):.1f}, max {max(v):.1f})")
   print(f"speedup of the working tree over {base_name}: {statistics.median(speedups):.3f} "

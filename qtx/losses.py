@@ -38,9 +38,20 @@ def _lse(x, axis, impl):
   return jax.nn.logsumexp(x, axis=axis)
 
 
+def diagonal(l_BxB):
+  """The diagonal of a square matrix as a masked row sum: the same values as `jnp.diagonal`
+  (each row adds its diagonal entry to zeros), but elementwise and row-local, so that with the
+  rows sharded over devices the partitioner needs no gather (jnp.diagonal lowers to one, which
+  under data parallelism all-gathers indices and results across the batch devices)."""
+  B = l_BxB.shape[0]
+  eye = jax.lax.broadcasted_iota(jnp.int32, (B, B), 0) == jax.lax.broadcasted_iota(
+      jnp.int32, (B, B), 1)
+  return jnp.sum(jnp.where(eye, l_BxB, 0.0), axis=1)
+
+
 def clip_loss(zi_BxE, zt_BxE, logit_scale, max_scale: float = 100.0, impl: str = "xla"):
   l_BxB = logits(zi_BxE, zt_BxE, logit_scale, None, max_scale)
-  diag = jnp.diagonal(l_BxB)
+  diag = diagonal(l_BxB)
   i2t = jnp.mean(_lse(l_BxB, 1, impl) - diag)
   t2i = jnp.mean(_lse(l_BxB, 0, impl) - diag)
   return 0.5 * (i2t + t2i)
@@ -58,7 +69,7 @@ def infoloob_loss(zi_BxE, zt_BxE, logit_scale, max_scale: float = 100.0):
   B = l_BxB.shape[0]
   if B < 2:
     raise ValueError(f"infoloob needs a batch of at least 2 (the positive is left out), got {B}")
-  diag = jnp.diagonal(l_BxB)
+  diag = diagonal(l_BxB)
   off = jnp.where(jnp.eye(B, dtype=bool), -jnp.inf, l_BxB)
   i2t = jnp.mean(jax.nn.logsumexp(off, axis=1) - diag)
   t2i = jnp.mean(jax.nn.logsumexp(off, axis=0) - diag)

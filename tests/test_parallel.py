@@ -1,4 +1,6 @@
 """Sharding: mesh construction, logical rules, and equivalence of sharded and 1-device steps."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -196,3 +198,69 @@ def test_check_fsdp_catches_replicated_large_param():
   c.mesh.rules = "replicated"
   with pytest.raises(ValueError, match="large parameters are replicated"):
     run_lib.build(c, train=True)
+
+
+def _mesh8():
+  return parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+
+
+@pytest.mark.parametrize("T", [3, 40])  # 8 x 3 ids < 50 rows: gathered; 8 x 40 > 50: autodiff's
+def test_embed_lookup_value_and_table_gradient_equal_take_on_a_mesh(T):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from qtx.nn.text import embed_lookup
+  rng = np.random.default_rng(0)
+  V, D, B = 50, 4, 8
+  table = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 6, (B, T)), jnp.int32)  # few distinct ids: rows repeat
+  w = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+
+  def loss(lookup, t, i, w):
+    return jnp.sum(jnp.tanh(lookup(t, i)) * w)
+
+  ref_v, ref_g = jax.value_and_grad(loss, argnums=1)(
+      lambda t, i: jnp.take(t, i, axis=0), table, ids, w)
+  mesh = _mesh8()
+  rows = NamedSharding(mesh, P("data"))
+  f = jax.jit(jax.value_and_grad(functools.partial(loss, embed_lookup), argnums=0),
+              in_shardings=(parallel.replicated(mesh), rows, rows))
+  with jax.set_mesh(mesh):
+    hlo = f.lower(table, ids, w).compile().as_text()
+    v, g = f(table, ids, w)
+  np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+  np.testing.assert_allclose(g, ref_g, rtol=1e-6, atol=1e-6)  # summation order only
+  assert not np.any(np.asarray(g)[6:]), "rows no id selects have a zero gradient"
+  table_all_reduced = any(f"f32[{V},{D}]" in line for line in hlo.splitlines()
+                          if " all-reduce(" in line)
+  # Fewer ids than rows: the cotangent is gathered, the V x D table never all-reduced.
+  assert table_all_reduced == (B * T >= V)
+
+
+def test_diagonal_equals_jnp_diagonal_exactly():
+  from qtx import losses
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 7)) * 1e3, jnp.float32)
+  # signed zero and the smallest normal float on the diagonal; inf and nan off it do not leak
+  x = x.at[2, 2].set(-0.0).at[3, 3].set(np.finfo(np.float32).tiny)
+  x = x.at[0, 1].set(np.inf).at[4, 0].set(np.nan)
+  np.testing.assert_array_equal(losses.diagonal(x), jnp.diagonal(x))
+
+
+def test_data_parallel_train_step_gathers_no_indices_and_all_reduces_no_token_table():
+  """Under data parallelism the step communicates features, loss row statistics and gradients
+  only: the text pooling and the loss's diagonal stay batch-local (no index all-gathers), and
+  with fewer tokens per batch than vocabulary rows the token table's gradient is not
+  all-reduced (qtx.nn.text.embed_lookup)."""
+  c = micro_config("softmax")
+  c.mesh.shape, c.mesh.num_devices = {"data": 8, "fsdp": 1, "tensor": 1}, 0
+  s = run_lib.build(c, train=True)
+  state = run_lib.init_state(s, 0)
+  step = train_mode.make_train_step(s)
+  hlo = step.lower(state, parallel.global_batch(_batch(c), s.mesh, s.rules)).compile().as_text()
+  lines = hlo.splitlines()
+  B, T = c.train.batch_size, c.model.text.context_length
+  gathers = [ln for ln in lines if " all-gather(" in ln]
+  # the only integers gathered are the token ids, for the table gradient's scatter
+  assert gathers and [ln for ln in gathers if "= s32[" in ln and f"= s32[{B},{T}]" not in ln
+                      ] == [], gathers
+  assert [ln for ln in gathers if f"= s32[{B},{T}]" in ln]
+  V, D = c.model.text.vocab_size, c.model.text.width
+  assert not [ln for ln in lines if " all-reduce(" in ln and f"f32[{V},{D}]" in ln]

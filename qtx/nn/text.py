@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from qtx.kernels.sharding import context_mesh
 from qtx.nn.attention import AttentionConfig
 from qtx.nn.transformer import Encoder, layer_norm
 from qtx.quant.layers import ActQuant, QDense, QuantConfig
@@ -17,6 +20,46 @@ def valid_tokens(tokens_BxT, eot_B=None):
   `eot_B` when already known)."""
   eot_B = jnp.argmax(tokens_BxT, axis=-1) if eot_B is None else eot_B
   return jnp.arange(tokens_BxT.shape[1])[None, :] <= eot_B[:, None]
+
+
+def embed_lookup(table_VxD, ids_BxT):
+  """`jnp.take(table_VxD, ids_BxT, axis=0)` (B x T x D), with a gradient that costs less
+  communication under data parallelism when the batch has fewer tokens than the table rows.
+
+  Autodiff's gradient scatters each device's tokens into a zero V x D table, which the
+  partitioner then all-reduces across the batch devices: V x D values, whatever the batch. When
+  the global batch has fewer tokens than the table has rows (B T < V: small batches, large
+  vocabularies), all-gathering the B x T x D cotangent and the ids and scattering them on every
+  device moves less, and gives the same table gradient up to the order of float additions
+  (tokens that repeat sum in a different order). Above that the autodiff form is kept.
+  """
+  if ids_BxT.size >= table_VxD.shape[0] or context_mesh() is None:
+    return jnp.take(table_VxD, ids_BxT, axis=0)
+  return _gathered_grad_lookup(table_VxD, ids_BxT)
+
+
+@jax.custom_vjp
+def _gathered_grad_lookup(table_VxD, ids_BxT):
+  return jnp.take(table_VxD, ids_BxT, axis=0)
+
+
+def _gathered_grad_lookup_fwd(table_VxD, ids_BxT):
+  # The zero-size slice carries the table's row count and dtype to the backward pass.
+  return jnp.take(table_VxD, ids_BxT, axis=0), (ids_BxT, table_VxD[:, :0])
+
+
+def _gathered_grad_lookup_bwd(res, g_BxTxD):
+  ids_BxT, empty_Vx0 = res
+  # Replicated operands: the partitioner all-gathers them (B T x D values) and each device
+  # scatters the whole batch, instead of scattering its shard and all-reducing V x D.
+  if context_mesh() is not None:
+    g_BxTxD = jax.lax.with_sharding_constraint(g_BxTxD, P())
+    ids_BxT = jax.lax.with_sharding_constraint(ids_BxT, P())
+  d_VxD = jnp.zeros((empty_Vx0.shape[0], g_BxTxD.shape[-1]), empty_Vx0.dtype)
+  return d_VxD.at[ids_BxT].add(g_BxTxD.astype(empty_Vx0.dtype)), None
+
+
+_gathered_grad_lookup.defvjp(_gathered_grad_lookup_fwd, _gathered_grad_lookup_bwd)
 
 
 class TextTower(nn.Module):
@@ -48,13 +91,15 @@ class TextTower(nn.Module):
     # Tokens after the end-of-text token never reach the pooled output (causal attention):
     # quantization ranges are calibrated on the others only.
     valid_BxT = valid_tokens(tokens_BxT, eot)
-    x = jnp.take(emb, tokens_BxT, axis=0).astype(self.dtype) + pos.astype(self.dtype)
+    x = embed_lookup(emb, tokens_BxT).astype(self.dtype) + pos.astype(self.dtype)
     x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x, valid_BxT[:, :, None])
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=True,
                 dtype=self.dtype, quant=self.quant, scan=self.scan, remat=self.remat,
                 activation=self.activation, name="encoder")(x, None, step, valid_BxT)
     x = layer_norm(self.quant, self.dtype, "ln_final")(x, valid_BxT[:, :, None])
-    pooled = x[jnp.arange(B), eot].astype(jnp.float32)
+    # take_along_axis keeps the gather batch-local (x[arange(B), eot] does not: under data
+    # parallelism it all-gathers the indices and all-reduces the pooled rows).
+    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     keep_head = self.quant is None or "head" in self.quant.keep_float
     init = nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),
                                         ("embed", "joint"))
