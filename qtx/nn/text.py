@@ -50,11 +50,11 @@ def _gathered_grad_lookup_fwd(table_VxD, ids_BxT):
 
 def _gathered_grad_lookup_bwd(res, g_BxTxD):
   ids_BxT, empty_Vx0 = res
-  # Replicated operands: the partitioner all-gathers them (B T x D values) and each device
-  # scatters the whole batch, instead of scattering its shard and all-reducing V x D.
-  if context_mesh() is not None:
-    g_BxTxD = jax.lax.with_sharding_constraint(g_BxTxD, P())
-    ids_BxT = jax.lax.with_sharding_constraint(ids_BxT, P())
+  # Replicated operands (embed_lookup only comes here under a mesh): the partitioner
+  # all-gathers them (B T x D values) and each device scatters the whole batch, instead of
+  # scattering its shard and all-reducing V x D.
+  g_BxTxD = jax.lax.with_sharding_constraint(g_BxTxD, P())
+  ids_BxT = jax.lax.with_sharding_constraint(ids_BxT, P())
   d_VxD = jnp.zeros((empty_Vx0.shape[0], g_BxTxD.shape[-1]), empty_Vx0.dtype)
   return d_VxD.at[ids_BxT].add(g_BxTxD.astype(empty_Vx0.dtype)), None
 
@@ -82,7 +82,7 @@ class TextTower(nn.Module):
     if tokens_BxT.ndim != 2 or tokens_BxT.shape[1] != self.context_length:
       raise ValueError(f"text tower expects tokens of shape (B, {self.context_length}), got "
                        f"{tuple(tokens_BxT.shape)}")
-    B, T = tokens_BxT.shape
+    T = tokens_BxT.shape[1]
     emb = self.param("token_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), (self.vocab_size, self.width))
     pos = self.param("pos_embed", nn.with_logical_partitioning(
