@@ -182,3 +182,24 @@ def test_attention_matmul_gradients_equal_autodiff_of_einsum(dtype):
       assert got.dtype == want.dtype and got.shape == want.shape
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                  rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(), (1, 1, 5, 1), (2, 1, 5, 1), (2, 3, 5, 1), (3, 1, 1),
+                                   (5, 1)])
+def test_score_scale_moved_onto_q_equals_scaling_the_scores(shape):
+  """The attention multiplies q by the score scale instead of the T x S scores; for any
+  scale constant along the keys (scalar, per query row, per batch, per head) the scores must
+  equal q.k * scale, and a scale that varies along the keys is refused."""
+  from qtx.nn import attention
+  Bq, Tq, S, Hq, Kq = 2, 5, 7, 3, 4
+  ks = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(ks[0], (Bq, Tq, Hq, Kq))
+  k = jax.random.normal(ks[1], (Bq, S, Hq, Kq))
+  scale = jax.random.uniform(ks[2], shape, minval=0.1, maxval=3.0)
+  got = jnp.einsum("bthk,bshk->bhts", q * attention._to_query_layout(scale), k)
+  want = jnp.einsum("bthk,bshk->bhts", q, k) * scale
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+  if shape:
+    with pytest.raises(ValueError, match="varies along the keys"):
+      attention._to_query_layout(jnp.ones(shape[:-1] + (S,)))

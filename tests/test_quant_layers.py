@@ -400,6 +400,35 @@ class QLayerNormTest(chex.TestCase):
     np.testing.assert_allclose(QLayerNorm().apply({"params": params}, self.x),
                                ref.apply({"params": params}, self.x), rtol=1e-5, atol=1e-5)
 
+  def test_gradients_equal_autodiff_of_nn_layernorm(self):
+    """QLayerNorm's backward is written out (quant.layers.standardize); its gradients with
+    respect to the input, scale and bias must equal autodiff of flax's nn.LayerNorm, on rows
+    with a large offset, a tiny spread, a constant row (where epsilon dominates) and an
+    outlier channel, in float32 and from a bfloat16 input."""
+    rows = np.random.default_rng(0).standard_normal((6, 5, 48)).astype(np.float32)
+    rows[0] = rows[0] * 0.5 + 1000.0
+    rows[1] *= 1e-3
+    rows[2] = 7.0
+    rows[3, :, 5] = 300.0
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(rows.shape), jnp.float32)
+    params = jax.tree.map(lambda p: p + jax.random.uniform(jax.random.key(5), p.shape),
+                          nn.LayerNorm().init(jax.random.key(0), rows)["params"])
+    for dtype in (jnp.float32, jnp.bfloat16):
+      x = jnp.asarray(rows, dtype)
+      # two-pass variance: flax's default E[x^2] - E[x]^2 loses the 1000-offset row in float32
+      ref = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype)
+
+      def loss(m, p, x):  # a non-linear read-out, so the cotangent is not uniform
+        return jnp.sum(jnp.sin(m.apply({"params": p}, x).astype(jnp.float32)) * w)
+
+      got = jax.grad(lambda p, x: loss(QLayerNorm(), p, x), argnums=(0, 1))(params, x)
+      want = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(params, x)
+      for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        self.assertEqual(g.dtype, r.dtype)
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(np.abs(r).max()))
+
   def test_quantized_scale_and_output(self):
     m = QLayerNorm(cfg=W8A8, scale_init=nn.initializers.uniform(2.0))
     variables = m.init(jax.random.key(0), self.x)

@@ -232,9 +232,11 @@ class MultiHeadAttention(nn.Module):
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, causal=self.causal, key_mask_BxS=key_mask_BxS,
           **kernel_args, scale=norm.score_scale(K, n_keys)).astype(self.dtype)
     else:
-      scale = norm.score_scale(K, n_keys)
-      s_BxHxTxS = _scores(q_BxTxHxK, k_BxSxHxK) * jnp.asarray(
-          scale, jnp.float32).astype(q_BxTxHxK.dtype)
+      scale = jnp.asarray(norm.score_scale(K, n_keys), jnp.float32).astype(q_BxTxHxK.dtype)
+      # the scale multiplies q (T x K per head) rather than the T x S scores: one pass over
+      # the scores less in each direction; exact where the scale is a power of two (1/sqrt(K)
+      # for K = 16, 64, 256), else equal up to float rounding
+      s_BxHxTxS = _scores(q_BxTxHxK * _to_query_layout(scale), k_BxSxHxK)
       s_BxHxTxS = ActQuant(cfg=self.quant, point="attn_scores", name="scores_quant")(
           s_BxHxTxS, valid_scores)
       from qtx import kernels
@@ -262,6 +264,17 @@ class MultiHeadAttention(nn.Module):
                       nn.initializers.lecun_normal(), ("heads", "embed")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
                       ctx_BxTxD, v_tok)
+
+
+def _to_query_layout(scale):
+  """A score multiplier broadcastable to B x H x T x S that is constant along S (per batch,
+  head and/or query row) as a multiplier of q_BxTxHxK: q.k * scale == (q * scale').k."""
+  if scale.ndim == 0:
+    return scale
+  s = jnp.reshape(scale, (1,) * (4 - scale.ndim) + scale.shape)
+  if s.shape[-1] != 1:
+    raise ValueError(f"a score scale of shape {scale.shape} varies along the keys")
+  return jnp.swapaxes(s, 1, 2)
 
 
 @jax.custom_vjp

@@ -19,6 +19,7 @@ are fake-quantized in both passes, so the calibrated ranges see the quantized we
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -332,9 +333,7 @@ class QLayerNorm(nn.Module):
   def __call__(self, x, valid=None):
     features = jnp.shape(x)[-1]
     x32 = jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = standardize(x32, self.epsilon)
     if self.use_scale:
       scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
       if is_active(self.cfg):
@@ -349,3 +348,35 @@ class QLayerNorm(nn.Module):
     if self.quantize_output:
       y = ActQuant(self.cfg, point="ln_out", name="out_quant")(y, valid)
     return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardize(x, epsilon):
+  """(x - mean(x)) / sqrt(var(x) + epsilon) over the last axis (LayerNorm before its scale
+  and bias), with its backward written out.
+
+  The backward is one elementwise pass with two row means, dx = rstd * (g - mean(g) -
+  xhat * mean(g * xhat)), from the saved xhat and rstd. Autodiff's form of the same gradient is
+  a chain of elementwise terms that XLA:CPU fuses into every consumer of the residual stream's
+  gradient, so it recomputed the chains of several layers inside each weight-gradient
+  transpose (docs/benchmarks.md). Reverse mode only (a custom_vjp has no jvp).
+  """
+  return _standardize_fwd(x, epsilon)[0]
+
+
+def _standardize_fwd(x, epsilon):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mean
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + epsilon)
+  xhat = xc * rstd
+  return xhat, (xhat, rstd)
+
+
+def _standardize_bwd(epsilon, res, g):
+  xhat, rstd = res
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+               - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return (dx,)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
