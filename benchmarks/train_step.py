@@ -14,7 +14,9 @@ only, so a config option can be compared against the config as it is.
 
 `--op-profile N` also traces N steps of each row with the JAX profiler and prints where the
 step's time goes: XLA op time per step grouped by op kind (fusion names without their numeric
-suffix, e.g. `ynn_fusion` or `dot` for matmuls on CPU), both rows side by side. Op times are
+suffix, e.g. `ynn_fusion` or `dot` for matmuls on CPU), both rows side by side; with
+`--op-group part`, grouped by tower, part of the model and direction instead ('image
+attention bwd', from each op's JAX name scope). Op times are
 summed over threads, so on a multi-core CPU they add up to more than the step's wall time.
 
   python -m benchmarks.train_step --config configs/clip_tiny.py --steps 20 --op-profile 5 \
@@ -63,7 +65,52 @@ def op_time_by_kind(trace_events, steps: int) -> dict[str, float]:
   return dict(by_kind)
 
 
-def profile_ops(compiled, state, batch, steps: int) -> dict[str, float]:
+# (substring of an op's name scope, part of the model) in the order they are tried
+_PARTS = (("/attn/", "attention"), ("/mlp/", "MLP"), ("/ln_", "LayerNorm"),
+          ("patch_embed", "patch embedding"), ("/proj", "projection"))
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: its op_name metadata (the JAX name scope)} of a compiled HLO module."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+    if m:
+      names[m.group(1)] = m.group(2)
+  return names
+
+
+def part_of(op_name: str) -> str:
+  """'image attention bwd'-style label of an op from its JAX name scope: the tower (image /
+  text, from the CLIP module's encode_image / encode_text), the part of the block, and the
+  direction (autodiff's transpose scope is the backward pass); ops outside the towers (the
+  loss, its gradient, the optimizer) are one group."""
+  if not op_name:
+    return "runtime (no HLO op)"
+  tower = ("image" if "encode_image" in op_name else
+           "text" if "encode_text" in op_name else None)
+  if tower is None:
+    return "loss, optimizer, other"
+  part = next((label for key, label in _PARTS if key in op_name), "embedding, pooling, other")
+  return f"{tower} {part} {'bwd' if 'transpose(' in op_name else 'fwd'}"
+
+
+def op_time_by_part(trace_events, steps: int, op_names: dict[str, str]) -> dict[str, float]:
+  """Milliseconds per step of each part of the model (part_of) in a profiler trace; ops
+  without an HLO instruction (executor spans) are left out as in op_time_by_kind."""
+  by_part: collections.Counter = collections.Counter()
+  for e in trace_events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "ThunkExecutor")):
+      continue
+    if name in op_names:
+      by_part[part_of(op_names[name])] += e["dur"] / 1e3 / steps
+  return dict(by_part)
+
+
+def profile_ops(compiled, state, batch, steps: int, op_names=None) -> dict[str, float]:
+  """XLA op time per step of `steps` traced calls: by op kind, or by part of the model
+  (op_time_by_part) when `op_names` (hlo_op_names of the compiled step) is given."""
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       for _ in range(steps):
@@ -73,7 +120,10 @@ def profile_ops(compiled, state, batch, steps: int) -> dict[str, float]:
     if not files:
       raise RuntimeError(f"the profiler wrote no trace under {d}")
     with gzip.open(files[0]) as f:
-      return op_time_by_kind(json.load(f)["traceEvents"], steps)
+      events = json.load(f)["traceEvents"]
+  if op_names is not None:
+    return op_time_by_part(events, steps, op_names)
+  return op_time_by_kind(events, steps)
 
 
 def random_batch(config, s):
@@ -87,7 +137,8 @@ def random_batch(config, s):
       "tokens": tokens}, s.mesh, s.rules)
 
 
-def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
+def measure(config, steps: int, warmup: int = 2, op_profile: int = 0,
+            op_group: str = "kind") -> dict:
   s = run_lib.build(config, train=True)
   state = run_lib.init_state(s, 0)
   step_fn = train_mode.make_train_step(s)
@@ -108,7 +159,10 @@ def measure(config, steps: int, warmup: int = 2, op_profile: int = 0) -> dict:
     times.append(time.perf_counter() - t0)
   faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
   dt = statistics.median(times)
-  ops = profile_ops(compiled, state, batch, op_profile) if op_profile else None
+  ops = None
+  if op_profile:
+    names = hlo_op_names(compiled.as_text()) if op_group == "part" else None
+    ops = profile_ops(compiled, state, batch, op_profile, names)
   n_dev = s.mesh.devices.size
   model_flops = flops_lib.train_step_flops(config)
   xla_flops = flops_lib.compiled_flops(compiled)
@@ -140,6 +194,9 @@ def main():
   p.add_argument("--no-baseline", action="store_true")
   p.add_argument("--op-profile", type=int, default=0, metavar="N",
                  help="trace N more steps per row and print XLA op time per step by op kind")
+  p.add_argument("--op-group", default="kind", choices=["kind", "part"],
+                 help="group the op profile by XLA op kind, or by tower / part of the model / "
+                      "direction ('image attention bwd')")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for the measured row (not the baseline)")
   args = p.parse_args()
@@ -167,11 +224,12 @@ def main():
   rows = []
   if not args.no_baseline:
     rows.append(("baseline f32 xla", measure(make("float32", "none", False, "xla"), args.steps,
-                                             op_profile=args.op_profile)))
+                                             op_profile=args.op_profile,
+                                             op_group=args.op_group)))
   rows.append((f"{args.dtype} remat={args.remat} scan={args.scan} {args.impl}"
                + "".join(f" {o}" for o in args.set),
                measure(make(args.dtype, args.remat, args.scan, args.impl, args.set), args.steps,
-                       op_profile=args.op_profile)))
+                       op_profile=args.op_profile, op_group=args.op_group)))
   base = rows[0][1]["step_s"]
   fmt = lambda v, f: "-" if v is None else f.format(v)
   print(f"{'variant':42s} {'step ms':>9s} {'samples/s':>10s} {'TFLOP/s/dev':>11s} "
@@ -183,16 +241,16 @@ def main():
           f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
           f"{r['faults']:11.0f} {r['compile_s']:9.1f} {base / r['step_s']:8.2f}x")
   if args.op_profile:
-    print_op_table(rows)
+    print_op_table(rows, what="parts of the model" if args.op_group == "part" else "op kinds")
 
 
-def print_op_table(rows, top: int = 20) -> None:
+def print_op_table(rows, top: int = 20, what: str = "op kinds") -> None:
   kinds = collections.Counter()
   for _, r in rows:
     kinds.update(r["ops"])
   names = [k for k, _ in kinds.most_common(top)]
-  print(f"\nXLA op time per step (ms, summed over threads), top {len(names)} op kinds:")
-  print(f"{'op kind':40s}" + "".join(f" {f'row {i}':>10s}" for i in range(len(rows))))
+  print(f"\nXLA op time per step (ms, summed over threads), top {len(names)} {what}:")
+  print(f"{what[:-1] if what == 'op kinds' else 'part':40s}" + "".join(f" {f'row {i}':>10s}" for i in range(len(rows))))
   for k in names + ["(all ops)"]:
     vals = [sum(r["ops"].values()) if k == "(all ops)" else r["ops"].get(k, 0.0) for _, r in rows]
     print(f"{k[:40]:40s}" + "".join(f" {v:10.2f}" for v in vals))

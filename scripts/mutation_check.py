@@ -311,6 +311,14 @@ MUTANTS = (
       "  old = (json.loads(path.read_text()) if resuming and path.exists()\n"
       "         and jax.process_index() == 0 else None)",
       "tests/test_multiprocess.py"),
+    M("layernorm_backward_mean_dropped",
+      "LayerNorm's written-out backward drops the xhat * mean(g * xhat) term's row mean",
+      "qtx/quant/layers.py",
+      "- xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))", "- xhat * g)",
+      "tests/test_quant_layers.py"),
+    M("score_scale_on_wrong_q_axis", "the score scale moved onto q without swapping the head "
+      "and query axes", "qtx/nn/attention.py",
+      "  return jnp.swapaxes(s, 1, 2)", "  return s", "tests/test_attention_reference.py"),
     M("sweep_row_settings_ignored", "a sweep row's @KEY=VALUE settings are not applied",
       "qtx/modes/sweep.py", "      config_lib.override(c, o)", "      pass", "tests/test_sweep.py"),
     M("sweep_reuses_other_settings", "a finished run is reused whatever settings made it",

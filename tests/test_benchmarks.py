@@ -21,6 +21,33 @@ def test_op_time_by_kind_groups_fusions_and_skips_executor_spans():
   assert got == pytest.approx({"ynn_fusion": 3.0, "dot": 0.5, "add_select_fusion": 0.25})
 
 
+def test_op_time_by_part_labels_towers_parts_and_directions():
+  names = {
+      "ynn_fusion.1": "jit(step_fn)/jvp(CLIP)/CLIP.encode_image/visual/encoder/block_0/attn/dot",
+      "ynn_fusion.2": "jit(step_fn)/transpose(jvp(CLIP))/CLIP.encode_image/visual/encoder/"
+                      "block_2/mlp/fc1/dot_general",
+      "copy.3": "jit(step_fn)/transpose(jvp(CLIP))/CLIP.encode_text/textual/encoder/block_1/"
+                "ln_2/add_any",
+      "fusion.4": "jit(step_fn)/jvp(CLIP)/CLIP.encode_text/textual/token_embed/take",
+      "fusion.5": "jit(step_fn)/add",
+  }
+  events = [{"ph": "X", "name": n, "dur": 1000 * (i + 1)} for i, n in enumerate(names)]
+  events += [{"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+             {"ph": "X", "name": "not_in_the_module.7", "dur": 9000}]
+  got = bench.op_time_by_part(events, steps=1, op_names=names)
+  assert got == pytest.approx({"image attention fwd": 1.0, "image MLP bwd": 2.0,
+                               "text LayerNorm bwd": 3.0, "text embedding, pooling, other fwd": 4.0,
+                               "loss, optimizer, other": 5.0})
+
+
+def test_hlo_op_names_reads_a_compiled_module():
+  f = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())
+  compiled = f.lower(jnp.ones((8, 8))).compile()
+  names = bench.hlo_op_names(compiled.as_text())
+  assert "jit(<lambda>)/tanh" in names.values()
+  assert "jit(<lambda>)/dot_general" in names.values()
+
+
 def test_profile_ops_reads_a_real_trace():
   f = jax.jit(lambda s, b: (s + 1, jnp.tanh(b @ b.T).sum()))
   ops = bench.profile_ops(f, jnp.zeros(()), jnp.ones((64, 64)), steps=3)
