@@ -71,22 +71,25 @@ _PARTS = (("/attn/", "attention"), ("/mlp/", "MLP"), ("/ln_", "LayerNorm"),
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """{instruction name: its op_name metadata (the JAX name scope)} of a compiled HLO module."""
+  """{instruction name: its op_name metadata (the JAX name scope), '' where it has none} of
+  every instruction of a compiled HLO module."""
   names = {}
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
     if m:
-      names[m.group(1)] = m.group(2)
+      scope = re.search(r'op_name="([^"]*)"', line)
+      names[m.group(1)] = scope.group(1) if scope else ""
   return names
 
 
 def part_of(op_name: str) -> str:
   """'image attention bwd'-style label of an op from its JAX name scope: the tower (image /
   text, from the CLIP module's encode_image / encode_text), the part of the block, and the
-  direction (autodiff's transpose scope is the backward pass); ops outside the towers (the
-  loss, its gradient, the optimizer) are one group."""
+  direction (autodiff's transpose scope is the backward pass, which includes a remat'ed
+  forward's recomputation); ops outside the towers (the loss, its gradient, the optimizer) are
+  one group, and ops XLA created without a name scope another."""
   if not op_name:
-    return "runtime (no HLO op)"
+    return "XLA-created ops (no name scope)"
   tower = ("image" if "encode_image" in op_name else
            "text" if "encode_text" in op_name else None)
   if tower is None:
@@ -96,8 +99,9 @@ def part_of(op_name: str) -> str:
 
 
 def op_time_by_part(trace_events, steps: int, op_names: dict[str, str]) -> dict[str, float]:
-  """Milliseconds per step of each part of the model (part_of) in a profiler trace; ops
-  without an HLO instruction (executor spans) are left out as in op_time_by_kind."""
+  """Milliseconds per step of each part of the model (part_of) in a profiler trace. Events
+  that are no instruction of the module (executor and Python spans, the host-side call) are
+  left out; op_time_by_kind keeps those it cannot tell from ops."""
   by_part: collections.Counter = collections.Counter()
   for e in trace_events:
     name = e.get("name", "")
