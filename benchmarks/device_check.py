@@ -3,10 +3,11 @@
   python -m benchmarks.device_check --out device_check.md      # on one GPU (H100/H200) or TPU
   python -m benchmarks.device_check --dry-run --out /tmp/x.md  # CPU: tiny shapes, interpret mode
 
-Runs unattended from a clean checkout with the packages of a JAX accelerator machine (jax with
-CUDA or TPU support, flax, optax, orbax, chex, ml_collections) after `pip install -e .`, in
-under 8 minutes (a deadline, --budget_s, skips what would not fit and says so). It writes one
-markdown report naming the device:
+Runs unattended from the root of a clean checkout with only the packages of a JAX accelerator
+machine (jax with CUDA or TPU support, flax, optax, orbax, chex, ml_collections; nothing to
+install, and none of qtx's data packages: the test suite runs it with grain, regex, PIL and the
+rest hidden), in under 8 minutes (a deadline, --budget_s, skips what would not fit and says
+so). It writes one markdown report naming the device:
 
 1. correctness: each Pallas kernel compiled for the backend (Triton on GPU, Mosaic on TPU;
    interpreted on CPU) against its XLA reference, forward and backward: two-pass softmax

@@ -42,7 +42,7 @@ import numpy as np
 from qtx import flops as flops_lib
 from qtx import parallel
 from qtx import run as run_lib
-from qtx.modes import train as train_mode
+from qtx import step as step_lib
 
 
 def load_config(path: str):
@@ -145,7 +145,7 @@ def measure(config, steps: int, warmup: int = 2, op_profile: int = 0,
             op_group: str = "kind") -> dict:
   s = run_lib.build(config, train=True)
   state = run_lib.init_state(s, 0)
-  step_fn = train_mode.make_train_step(s)
+  step_fn = step_lib.make_train_step(s)
   B = config.train.batch_size
   batch = random_batch(config, s)
   t0 = time.perf_counter()

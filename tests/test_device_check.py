@@ -19,3 +19,24 @@ def test_device_check_dry_run_writes_every_section(tmp_path):
   assert "tiny CLIP (dry run), float32, batch 8 |" in text
   for label in ("softmax", "clipped", "sink", "softplus"):
     assert f"K=16 {label} |" in text, label
+
+
+def test_device_check_needs_only_the_accelerator_packages(tmp_path):
+  """An accelerator machine has jax, flax, optax, orbax, chex and ml_collections, not the data
+  packages: the whole check, the train step included, must run with those hidden (each import
+  of them fails, as it would where they are not installed)."""
+  import subprocess
+  import sys
+  hidden = ["grain", "tensorflow_datasets", "tensorflow", "regex", "tqdm", "tensorboardX",
+            "matplotlib", "PIL", "torch", "open_clip", "webdataset"]
+  out = tmp_path / "report.md"
+  code = (f"import sys\nfor m in {hidden!r}:\n  sys.modules[m] = None\n"
+          "from benchmarks import device_check\n"
+          f"device_check.main(['--dry-run', '--out', {str(out)!r}])\n"
+          f"assert not [m for m in {hidden!r} if sys.modules.get(m) is not None]\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  text = out.read_text()
+  assert "ERROR" not in text and "did not fit/run" not in text, text
+  row = next(line for line in text.splitlines() if line.startswith("| tiny CLIP (dry run)"))
+  assert float(row.split("|")[2]) > 0, row  # samples/s of the compiled step

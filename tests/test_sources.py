@@ -586,3 +586,28 @@ def test_sources_are_picklable_for_worker_processes(tmp_path):
   assert len(clone) == len(src)
   np.testing.assert_array_equal(clone[0]["image"], src[0]["image"])
   assert clone[9] is None and clone.counter.count >= 3
+
+
+def test_a_source_module_missing_a_package_is_left_out_and_named(monkeypatch):
+  """Where a third-party package is absent, the data modules that need it are left out of the
+  registry scan (so configs still build: a bare accelerator machine compiles the step); an
+  unknown data.name then names what is missing. A missing qtx module is still an error."""
+  from qtx.data import registry
+  real = registry.importlib.import_module
+
+  def fake(name):
+    if name == "qtx.data.needs_pkg":
+      raise ModuleNotFoundError("No module named 'somepkg'", name="somepkg")
+    if name == "qtx.data.broken":
+      raise ModuleNotFoundError("No module named 'qtx.gone'", name="qtx.gone")
+    return real(name)
+
+  monkeypatch.setattr(registry.importlib, "import_module", fake)
+  monkeypatch.setattr(registry, "_UNAVAILABLE", {})
+  registry._import_quietly("qtx.data.needs_pkg")
+  assert registry._UNAVAILABLE == {"qtx.data.needs_pkg": "somepkg"}
+  with pytest.raises(ValueError, match=r"unknown data.name 'nope'.*qtx.data.needs_pkg was not "
+                                       r"imported, it needs the package 'somepkg'"):
+    registry.get_factory("nope")
+  with pytest.raises(ModuleNotFoundError, match="qtx.gone"):
+    registry._import_quietly("qtx.data.broken")

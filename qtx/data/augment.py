@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import grain
 import numpy as np
 
 AUGMENTS = ("none", "random_resized_crop")
@@ -66,11 +65,3 @@ def random_resized_crop(image_HxWx3: np.ndarray, size: int, rng: np.random.Gener
     return crop
   return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC,
                                                  reducing_gap=3.0))
-
-
-class RandomResizedCrop(grain.transforms.RandomMap):
-  def __init__(self, size: int, scale=(0.9, 1.0)):
-    self.size, self.scale = int(size), tuple(scale)
-
-  def random_map(self, record, rng: np.random.Generator):
-    return {**record, "image": random_resized_crop(record["image"], self.size, rng, self.scale)}

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import grain
 import numpy as np
 
+from qtx.data import augment as augment_lib
 from qtx.data import sources
 from qtx.data import tokenizer as tokenizer_lib
 from qtx.data.registry import make_source, register_source  # noqa: F401 (public here too)
@@ -36,6 +37,18 @@ class Encode(grain.transforms.Map):
     return {"image": image, "tokens": tokens.astype(np.int32)}
 
 
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """data.augment='random_resized_crop' as a grain transform: the crop's rng is the one grain
+  derives from the run's seed and the sample's position (qtx.data.augment)."""
+
+  def __init__(self, size: int, scale=(0.9, 1.0)):
+    self.size, self.scale = int(size), tuple(scale)
+
+  def random_map(self, record, rng: np.random.Generator):
+    return {**record, "image": augment_lib.random_resized_crop(record["image"], self.size, rng,
+                                                               self.scale)}
+
+
 def train_dataset(config, process_index: int = 0, process_count: int = 1,
                   source=None) -> grain.IterDataset:
   """Per-host batches of the training split; each host reads a disjoint 1/process_count slice."""
@@ -44,7 +57,6 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the number of "
                      f"processes {process_count}")
   src = source if source is not None else make_source(config, "train")
-  from qtx.data import augment as augment_lib
   aug = config.data.augment
   scale = augment_lib.check(aug, config.data.augment_scale)
   if aug != "none":
@@ -59,7 +71,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
   # Sources return None for a record they cannot decode (counted in sources.SKIPPED).
   ds = ds.filter(lambda r: r is not None)
   if aug == "random_resized_crop":
-    ds = ds.random_map(augment_lib.RandomResizedCrop(config.model.image.image_size, scale),
+    ds = ds.random_map(RandomResizedCrop(config.model.image.image_size, scale),
                        seed=config.seed)
   ds = ds.map(Encode(config.model.text.context_length, config.model.image.image_size,
                      config.model.image.channels))

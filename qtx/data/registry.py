@@ -53,14 +53,25 @@ def _lookup(name: str) -> Optional[Callable]:
   return None
 
 
+# qtx.data modules left out by _import_all for want of a third-party package: {module: package}
+_UNAVAILABLE: dict[str, str] = {}
+
+
 def _import_quietly(module: str) -> None:
   """Import `module`; nothing when it does not exist (the source modules import their optional
-  dependencies, e.g. tensorflow_datasets, only when a source is built)."""
+  dependencies, e.g. tensorflow_datasets, only when a source is built). A module that needs a
+  third-party package this environment lacks (grain, regex: installed with qtx, but absent
+  where only a step is compiled, as on a bare accelerator machine) is left out and recorded; an
+  unknown data.name then names what is missing."""
   try:
     importlib.import_module(module)
   except ModuleNotFoundError as e:
-    if e.name != module:
-      raise
+    if e.name == module:
+      return
+    if e.name and e.name.split(".")[0] != "qtx":
+      _UNAVAILABLE[module] = e.name
+      return
+    raise
 
 
 def _import_all() -> None:
@@ -88,7 +99,9 @@ def get_factory(name: str) -> Callable:
     _import_all()
     factory = _lookup(name)
   if factory is None:
-    raise ValueError(f"unknown data.name {name!r}; choose one of {names()}")
+    missing = "".join(f"; {m} was not imported, it needs the package {pkg!r} (pip install -e .)"
+                      for m, pkg in sorted(_UNAVAILABLE.items()))
+    raise ValueError(f"unknown data.name {name!r}; choose one of {names()}{missing}")
   return factory
 
 
