@@ -17,6 +17,7 @@ LAYERS = (
     ("evaluate", "weights"),
     ("config_lib",),
     ("run",),
+    ("step",),
     ("analysis",),
     ("modes",),
     ("main",),
