@@ -50,18 +50,21 @@ def load_config(path: str):
   return config_lib.load_config_file(path)
 
 
-def op_time_by_kind(trace_events, steps: int) -> dict[str, float]:
-  """Milliseconds per step of each XLA op kind in a profiler trace's complete ('X') events.
-
-  Ops are grouped by name without a trailing '.N' (`ynn_fusion.12` -> `ynn_fusion`); the
-  executor's own spans and Python frames (names starting with '$') are left out.
-  """
-  by_kind: collections.Counter = collections.Counter()
+def _op_ms(trace_events, steps: int):
+  """(name, milliseconds per step) of each complete ('X') event of a profiler trace, the
+  executor's own spans and Python frames (names starting with '$') left out."""
   for e in trace_events:
     name = e.get("name", "")
-    if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "ThunkExecutor")):
-      continue
-    by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / steps
+    if e.get("ph") == "X" and "dur" in e and not name.startswith(("$", "ThunkExecutor")):
+      yield name, e["dur"] / 1e3 / steps
+
+
+def op_time_by_kind(trace_events, steps: int) -> dict[str, float]:
+  """Milliseconds per step of each XLA op kind in a profiler trace: ops grouped by name without
+  a trailing '.N' (`ynn_fusion.12` -> `ynn_fusion`)."""
+  by_kind: collections.Counter = collections.Counter()
+  for name, ms in _op_ms(trace_events, steps):
+    by_kind[re.sub(r"\.\d+$", "", name)] += ms
   return dict(by_kind)
 
 
@@ -100,15 +103,12 @@ def part_of(op_name: str) -> str:
 
 def op_time_by_part(trace_events, steps: int, op_names: dict[str, str]) -> dict[str, float]:
   """Milliseconds per step of each part of the model (part_of) in a profiler trace. Events
-  that are no instruction of the module (executor and Python spans, the host-side call) are
-  left out; op_time_by_kind keeps those it cannot tell from ops."""
+  that are no instruction of the module (the host-side call and other spans that
+  op_time_by_kind cannot tell from ops) are left out."""
   by_part: collections.Counter = collections.Counter()
-  for e in trace_events:
-    name = e.get("name", "")
-    if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "ThunkExecutor")):
-      continue
+  for name, ms in _op_ms(trace_events, steps):
     if name in op_names:
-      by_part[part_of(op_names[name])] += e["dur"] / 1e3 / steps
+      by_part[part_of(op_names[name])] += ms
   return dict(by_part)
 
 
@@ -245,16 +245,17 @@ def main():
           f"{fmt(r['mfu'], '{:6.1%}'):>6s} {fmt(r['mem_gib'], '{:8.2f}'):>8s} "
           f"{r['faults']:11.0f} {r['compile_s']:9.1f} {base / r['step_s']:8.2f}x")
   if args.op_profile:
-    print_op_table(rows, what="parts of the model" if args.op_group == "part" else "op kinds")
+    print_op_table(rows, *(("parts of the model", "part") if args.op_group == "part"
+                           else ("op kinds", "op kind")))
 
 
-def print_op_table(rows, top: int = 20, what: str = "op kinds") -> None:
+def print_op_table(rows, what: str = "op kinds", label: str = "op kind", top: int = 20) -> None:
   kinds = collections.Counter()
   for _, r in rows:
     kinds.update(r["ops"])
   names = [k for k, _ in kinds.most_common(top)]
   print(f"\nXLA op time per step (ms, summed over threads), top {len(names)} {what}:")
-  print(f"{what[:-1] if what == 'op kinds' else 'part':40s}" + "".join(f" {f'row {i}':>10s}" for i in range(len(rows))))
+  print(f"{label:40s}" + "".join(f" {f'row {i}':>10s}" for i in range(len(rows))))
   for k in names + ["(all ops)"]:
     vals = [sum(r["ops"].values()) if k == "(all ops)" else r["ops"].get(k, 0.0) for _, r in rows]
     print(f"{k[:40]:40s}" + "".join(f" {v:10.2f}" for v in vals))

@@ -42,6 +42,23 @@ def test_op_time_by_part_labels_towers_parts_and_directions():
                                "XLA-created ops (no name scope)": 6.0})
 
 
+def test_hlo_op_names_keeps_instructions_without_a_name_scope():
+  hlo = (
+      "%fused_computation.3 (param_0: f32[4]) -> f32[4] {\n"
+      "  %param_0 = f32[4]{0} parameter(0)\n"
+      '  ROOT %tanh.1 = f32[4]{0} tanh(%param_0), metadata={op_name="jit(f)/tanh" '
+      'stack_frame_id=1}\n'
+      "}\n"
+      "ENTRY %main.9 (a.1: f32[4]) -> f32[4] {\n"
+      "  %wrapped_reduce-window.6 = f32[4]{0} fusion(%a.1), kind=kLoop\n"
+      '  ROOT %ynn_fusion.2 = f32[4]{0} fusion(%a.1), kind=kCustom, '
+      'metadata={op_name="jit(f)/CLIP.encode_image/attn/dot_general"}\n'
+      "}\n")
+  assert bench.hlo_op_names(hlo) == {
+      "param_0": "", "tanh.1": "jit(f)/tanh", "wrapped_reduce-window.6": "",
+      "ynn_fusion.2": "jit(f)/CLIP.encode_image/attn/dot_general"}
+
+
 def test_hlo_op_names_reads_a_compiled_module():
   f = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())
   compiled = f.lower(jnp.ones((8, 8))).compile()
