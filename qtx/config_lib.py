@@ -109,7 +109,7 @@ def tower_config(**kw) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | ptq | sweep (qtx.modes)
+  c.mode = "train"  # train | eval | ptq | sweep | compile (qtx.modes)
   c.seed = 0
   c.init_from = ""  # checkpoint dir (qtx) or a PyTorch CLIP state_dict file
 
@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.optimizer = "adamw"  # adamw | muon (Muon on the blocks' weight matrices; qtx.optim)
   c.train.log_every = 10
+  # > 0: that many microbatches per step (exact contrastive loss, qtx.step); 0 = auto: the
+  # fewest that fit the accelerator's memory (qtx.aot.fit; 1 on the CPU)
   c.train.microbatches = 1
 
   c.eval = ml_collections.ConfigDict()
@@ -185,6 +187,14 @@ def base_config() -> ml_collections.ConfigDict:
   # ptq mode: also evaluate these named settings (qtx.analysis.quantized.SETTINGS), comma-
   # separated, e.g. "w8a8_token,w4a8"; metrics ptq/<setting>_<metric>
   c.quant.settings = ""
+
+  c.compile = ml_collections.ConfigDict()  # compile mode (qtx.modes.compile, qtx.aot)
+  c.compile.topology = "v5e:2x2"  # v5e:2x4, v5e:16x16, v6e:2x4, v4:2x2x1, v5p:2x2x2, v5e-8, ...
+  c.compile.what = "train"  # train | eval | ptq | all, or comma-separated program names
+  c.compile.find_batch = False  # True: search the largest per-chip batch that fits
+  c.compile.num_slices = 1  # > 1: a multi-slice job (slices joined over the data-centre network)
+  c.compile.per_chip_batch = 0  # > 0: train.batch_size = this x chips
+  c.compile.hbm_headroom = 0.1  # fits = planned memory <= (1 - headroom) x HBM (also for auto)
 
   c.sweep = ml_collections.ConfigDict()  # sweep mode (qtx.modes.sweep)
   c.sweep.normalizers = ",".join(NORMALIZER_PRESETS)  # comma-separated normalizer presets
@@ -287,10 +297,12 @@ def _pod_config(arg, patch_size: int, name: str) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
   c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.train.microbatches = 0  # auto: as many as the chips' memory needs (qtx.aot.fit)
   set_normalizer(c, normalizer)
   if runlocal:
     c.data.allow_synthetic = True
     c.train.batch_size = 8
+    c.train.microbatches = 1
     c.train.total_steps = 4
     c.train.warmup_steps = 1
     c.train.log_every = 1
@@ -325,7 +337,10 @@ LEGACY_DEFAULTS = {"train.optimizer": "adamw", "model.image.registers": 0,
                    "data.allow_synthetic": True, "data.preset": "",
                    "sweep.normalizers": "softmax,clipped_softmax,gated,softplus",
                    "sweep.seeds": "0,1,2",
-                   "sweep.out": ""}
+                   "sweep.out": "",
+                   "compile.topology": "v5e:2x2", "compile.what": "train",
+                   "compile.find_batch": False, "compile.num_slices": 1,
+                   "compile.per_chip_batch": 0, "compile.hbm_headroom": 0.1}
 
 
 # Keys that runs once saved and the schema has since dropped (data.image_size only repeated
@@ -415,7 +430,7 @@ def fill_legacy(config: dict) -> dict:
   return config
 
 
-MODES = ("train", "eval", "ptq", "sweep")
+MODES = ("train", "eval", "ptq", "sweep", "compile")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -437,7 +452,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"unknown loss.impl {c.loss.impl!r}; choose one of ('xla', 'pallas')")
   clip.check_model_config(c.model)
   augment_lib.check(c.data.augment, c.data.augment_scale)
-  if c.data.name == "synthetic" and not c.data.allow_synthetic:
+  if c.data.name == "synthetic" and not c.data.allow_synthetic and c.mode != "compile":
     preset = c.data.preset or "this preset"
     raise ValueError(
         f"data.name=synthetic: {preset} is a pod preset and refuses the embedded synthetic "
@@ -445,10 +460,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"--config.data.path=...), or run a local smoke test with {preset}:runlocal "
         "(a few tiny steps on the synthetic data)")
   registry.check_options(c.data)
-  for key in ("batch_size", "total_steps", "log_every", "microbatches"):
+  for key in ("batch_size", "total_steps", "log_every"):
     if c.train[key] <= 0:
       raise ValueError(f"train.{key} must be > 0, got {c.train[key]}")
-  if c.train.batch_size % c.train.microbatches:
+  if c.train.microbatches < 0:
+    raise ValueError(f"train.microbatches must be >= 0 (0 = auto), got {c.train.microbatches}")
+  if c.train.microbatches and c.train.batch_size % c.train.microbatches:
     raise ValueError(f"train.batch_size {c.train.batch_size} is not divisible by "
                      f"train.microbatches {c.train.microbatches}")
   if c.train.lr <= 0 or not c.train.lr < float("inf"):
@@ -463,5 +480,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     QuantConfig.from_config(c.quant)
   except (ValueError, TypeError) as e:
     raise ValueError(f"quant: {e}") from None
+  if c.mode == "compile":
+    from qtx.aot import programs, topology
+    topology.parse(c.compile.topology, int(c.compile.num_slices))
+    programs.names(c.compile.what)
+    if not 0.0 <= c.compile.hbm_headroom < 1.0:
+      raise ValueError(f"compile.hbm_headroom must be in [0, 1), got {c.compile.hbm_headroom}")
   from qtx.quant import settings as quant_settings
   quant_settings.setting_names(c.quant.get("settings", ""))

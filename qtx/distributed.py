@@ -29,7 +29,10 @@ def _local_device_ids():
 def _env_cluster() -> bool:
   if "SLURM_JOB_ID" in os.environ:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  from qtx import tpu_host
+  if "TPU_WORKER_HOSTNAMES" in os.environ and not tpu_host.placeholder_env():
+    return True
+  return "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
 def initialize() -> None:

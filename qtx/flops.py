@@ -1,9 +1,8 @@
 """FLOP accounting: analytic model FLOPs of a CLIP train step, the compiled cost analysis, and
-per-device peak throughput for MFU.
+per-device peak throughput for MFU (from the chip table, qtx.chips).
 
 Model FLOPs count each multiply-add as 2 FLOPs, the backward pass as twice the forward, and no
-rematerialisation (the usual MFU convention). Peaks are dense bf16 TFLOP/s per chip as the
-vendors publish them.
+rematerialisation (the usual MFU convention).
 """
 from __future__ import annotations
 
@@ -11,29 +10,13 @@ from typing import Optional
 
 import jax
 
-# device_kind substring (lower case) -> dense bf16 peak TFLOP/s per chip
-PEAK_TFLOPS = (
-    ("tpu v6", 918.0),
-    ("tpu v5p", 459.0),
-    ("tpu v5 lite", 197.0), ("tpu v5e", 197.0),
-    ("tpu v5", 459.0),
-    ("tpu v4", 275.0),
-    ("h200", 989.0),
-    ("h100", 989.0),
-    ("a100", 312.0),
-)
-
 
 def peak_tflops(device=None) -> Optional[float]:
-  """Per-device peak for the device's kind, or None (CPU and unknown kinds report no MFU)."""
-  d = device or jax.devices()[0]
-  if d.platform == "cpu":
-    return None
-  kind = d.device_kind.lower()
-  for key, peak in PEAK_TFLOPS:
-    if key in kind:
-      return peak
-  return None
+  """Per-device dense bf16 peak in TFLOP/s from the chip table (qtx.chips), or None (CPU and
+  unknown kinds report no MFU)."""
+  from qtx import chips
+  chip = chips.of_device(device or jax.devices()[0])
+  return None if chip is None else chip.bf16_flops / 1e12
 
 
 def encoder_flops(T: int, D: int, depth: int, mlp: int, causal: bool = False) -> float:

@@ -36,14 +36,18 @@ ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plu
 def cpu_only(platforms: str | None = None, plugins=ACCELERATOR_PLUGINS) -> bool:
   """True when JAX can only pick the CPU: `platforms` (default: JAX's jax_platforms setting,
   which JAX_PLATFORMS sets) names only cpu, or, when it is empty, none of `plugins` is
-  installed. Decided without starting a JAX backend."""
+  installed (libtpu counts only on a host with TPU chips). Decided without starting a JAX backend."""
   if platforms is None:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if "jax" in sys.modules:
       platforms = sys.modules["jax"].config.jax_platforms or platforms
   if platforms:
     return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
-  return not any(importlib.util.find_spec(p) is not None for p in plugins)
+  from qtx import tpu_host
+  found = [p for p in plugins if importlib.util.find_spec(p) is not None]
+  if "libtpu" in found and not tpu_host.tpu_chips():
+    found.remove("libtpu")  # installed to compile for TPUs (qtx.aot); it runs nothing here
+  return not found
 
 
 def reuse_freed_memory() -> bool:

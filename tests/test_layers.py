@@ -11,6 +11,7 @@ PKG = os.path.join(ROOT, "qtx")
 
 # Lowest first; a module may import modules of its own layer or of lower ones.
 LAYERS = (
+    ("tpu_host", "chips"),
     ("kernels", "quant", "parallel", "sharded_losses", "optim", "checkpoint", "metrics",
      "distributed", "flops", "data", "hostmem"),
     ("nn", "losses"),
@@ -19,6 +20,7 @@ LAYERS = (
     ("run",),
     ("step",),
     ("analysis",),
+    ("aot",),
     ("modes",),
     ("main",),
 )

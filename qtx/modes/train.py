@@ -45,6 +45,9 @@ def run(config, workdir: str) -> dict:
   """Train (resuming from WORKDIR/checkpoints if present), evaluate, return final metrics.
   `config` is validated already (qtx.modes.run does it once)."""
   s = run_lib.build(config, train=True, validate=False)
+  if int(config.train.microbatches) == 0:  # auto: the fewest that fit (qtx.aot.fit)
+    from qtx.aot import fit
+    config.train.microbatches = fit.resolve_for_run(config, s)
   writer = MetricsWriter(workdir)
   mgr = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), config)
   src = pipeline.make_source(config, "train")
