@@ -46,11 +46,12 @@ def quiet_compile_only(environ=None) -> bool:
   env = os.environ if environ is None else environ
   if env.get(MARK) == "1":
     return False  # set already (a parent process)
-  if tpu_chips() or any(k in env for k in TPU_ENV_KEYS[:3]):
+  # (jax itself sets TPU_SKIP_MDS_QUERY on a host without chips when it is imported)
+  if tpu_chips() or any(k in env for k in TPU_ENV_KEYS[:2]):
     return False
   env["TPU_ACCELERATOR_TYPE"] = "v5litepod-1"  # never used: no runtime starts without chips
   env["TPU_WORKER_HOSTNAMES"] = "localhost"
-  env["TPU_SKIP_MDS_QUERY"] = "1"
+  env.setdefault("TPU_SKIP_MDS_QUERY", "1")
   env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   env[MARK] = "1"
   return True

@@ -9,12 +9,18 @@ softmax with a sink logit, softplus attention with re-weighting).
 
 All are differentiable (jax.custom_vjp over backward Pallas kernels) and run compiled on GPU
 (Pallas Triton) and TPU (Mosaic), interpreted on CPU; under a mesh (jax.set_mesh) each device
-runs them on its own batch and head shard (`sharding`). `reference` holds pure-jnp versions.
+runs them on its own batch and head shard (`sharding`); under a plain jax.jit whose inputs carry
+NamedShardings, on the mesh of those shardings. Each pallas_call carries a pl.CostEstimate, so
+the compiler's cost analysis counts the kernels' work. They lay themselves out for the platform
+of the devices they are compiled for (`platforms`); `with qtx.kernels.target("gpu"):` picks one
+for lowering with jax.export for a platform this host lacks. `reference` holds pure-jnp
+versions.
 """
 from qtx.kernels import reference
 from qtx.kernels.attention import two_pass_attention
 from qtx.kernels.softmax import NORMALIZER_ARGS as SOFTMAX_NORMALIZER_ARGS
 from qtx.kernels.softmax import logsumexp, two_pass_softmax
+from qtx.kernels.platforms import target
 
 __all__ = ["reference", "two_pass_attention", "two_pass_softmax", "logsumexp",
-           "SOFTMAX_NORMALIZER_ARGS"]
+           "SOFTMAX_NORMALIZER_ARGS", "target"]

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qtx.kernels import sharding
+from qtx.kernels import platforms as target_lib
 from qtx.kernels import softmax as _sm
 
 Array = jax.Array
@@ -587,14 +588,64 @@ def _km_spec(cols: int, blocked: bool):
   return pl.BlockSpec((None, 1, cols), lambda b, h, i: (b, 0, pick(i)))
 
 
-def _pallas(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name):
+# Per visited (query block, key block) tile: block matmuls (2 bq bk head_block FLOPs each) and
+# transcendentals per score, counted from each kernel's loops. The softmax-family forward runs
+# QK^T in pass 1 and QK^T, PV in pass 2 (an exp2 in each); its dQ kernel recomputes P and dO V^T
+# and adds dS K (with clipping a first pass over the keys does P and dO V^T once more for D); its
+# dK dV kernel does QK^T, P^T dO, dO V^T, dS^T Q. The softplus kernels have the same matmuls and
+# a softplus (exp + log) besides the exp of each score.
+TILE_COST = {
+    "two_pass_attention_fwd": (3, 2),
+    "two_pass_attention_bwd_dq": (3, 1),
+    "two_pass_attention_bwd_dq_clip": (5, 2),
+    "two_pass_attention_bwd_dkdv": (4, 1),
+    "softplus_attention_fwd": (3, 6),
+    "softplus_attention_bwd_dq": (5, 6),
+    "softplus_attention_bwd_dkdv": (4, 3),
+}
+
+
+def visited_tiles(st: _Static, key_major: bool = False) -> int:
+  """(query block, key block) tiles one (batch, head) visits: all of them, or, causal on the
+  masked (GPU / interpreter) layout, those the loops reach: per query block the key blocks up to
+  its last row (per key block in the dK dV kernel: the query blocks from its first key on)."""
   plan = st.plan
-  return pl.pallas_call(
+  bq, bk = plan.block_q, plan.block_k
+  nq, nk = -(-st.T // bq), -(-st.S // bk)
+  if not (st.causal and plan.masked):
+    return nq * nk
+  if key_major:
+    return sum(nq - (j * bk) // bq for j in range(nk))
+  return sum(-(-min((i + 1) * bq, st.S) // bk) for i in range(nq))
+
+
+def cost_estimate(st: _Static, name: str, B: int, H: int, args, out_shape,
+                  clip: bool = False) -> pl.CostEstimate:
+  """The pl.CostEstimate of one attention pallas_call: TILE_COST x the visited tiles for FLOPs
+  and transcendentals; bytes = every operand read once + every result written once."""
+  key = f"{name}_clip" if clip and f"{name}_clip" in TILE_COST else name
+  mm, tr = TILE_COST[key]
+  plan = st.plan
+  tiles = B * H * visited_tiles(st, key_major=name.endswith("dkdv"))
+  scores = tiles * plan.block_q * plan.block_k
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(args))
+  nbytes += sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize for o in out_shape)
+  return pl.CostEstimate(flops=int(mm * 2 * scores * plan.head_block),
+                         transcendentals=int(tr * scores), bytes_accessed=int(nbytes))
+
+
+def _pallas(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name, args=(),
+            clip: bool = False):
+  plan = st.plan
+  B, H = grid[0], grid[1]
+  call = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=plan.interpret, name=name,
+      cost_estimate=cost_estimate(st, name, B, H, args, out_shape, clip),
       compiler_params=_sm.compiler_params(plan.platform, plan.interpret, plan.num_warps,
                                           plan.num_stages,
                                           semantics=("parallel", "parallel", "parallel")))
+  return call
 
 
 def _common_inputs(st: _Static, q, k, v, km, rows, q_blocked: bool):
@@ -636,7 +687,7 @@ def _forward(st: _Static, q, k, v, km, gamma, sink=None):
       kernel, st, (B, H, pl.cdiv(Tk, bq)), in_specs,
       [_seq_spec(plan, bq, True), _row_spec(bq, True)],
       [_seq_shape(st, B, H, Tk, q.dtype), jax.ShapeDtypeStruct((B, H, Tk, 1), jnp.float32)],
-      "two_pass_attention_fwd")(*args)
+      "two_pass_attention_fwd", args)(*args)
   return _seq_out(out, st.T, plan), _rows_out(lse, st.T, plan)
 
 
@@ -665,7 +716,7 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
   outs = _pallas(functools.partial(_dq_kernel, st=st, has_mask=km is not None, clip=clip,
                                    sink=has_sink),
                  st, (B, H, pl.cdiv(Tk, bq)), in_specs, out_specs, out_shape,
-                 "two_pass_attention_bwd_dq")(*args)
+                 "two_pass_attention_bwd_dq", args, clip)(*args)
   dq, delta = outs[0], outs[1]
   dgamma = _rows_out(outs[2], st.T, plan) if clip else None
   dsink = _rows_out(outs[2], st.T, plan) if has_sink else None
@@ -678,7 +729,7 @@ def _backward(st: _Static, q, k, v, km, gamma, out, lse, do, sink=None):
                    st, (B, H, pl.cdiv(Sk, bk)), in_specs,
                    [_seq_spec(plan, bk, True)] * 2,
                    [_seq_shape(st, B, H, Sk, k.dtype), _seq_shape(st, B, H, Sk, v.dtype)],
-                   "two_pass_attention_bwd_dkdv")(*args)
+                   "two_pass_attention_bwd_dkdv", args)(*args)
   return (_seq_out(dq, st.T, plan), _seq_out(dk, st.S, plan), _seq_out(dv, st.S, plan), dgamma,
           dsink)
 
@@ -695,7 +746,7 @@ def _sp_forward(st: _Static, q, k, v, km, rs, n):
       functools.partial(_sp_forward_kernel, st=st, has_mask=km is not None), st,
       (B, H, pl.cdiv(Tk, bq)), in_specs,
       [_seq_spec(plan, bq, True), _row_spec(bq, True), _row_spec(bq, True)],
-      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_fwd")(*args)
+      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_fwd", args)(*args)
   return _seq_out(out, st.T, plan), _rows_out(den, st.T, plan), _rows_out(lse, st.T, plan)
 
 
@@ -714,7 +765,7 @@ def _sp_backward(st: _Static, q, k, v, km, rs, n, out, den, lse, do):
       functools.partial(_sp_dq_kernel, st=st, has_mask=km is not None), st,
       (B, H, pl.cdiv(Tk, bq)), in_specs,
       [_seq_spec(plan, bq, True), _row_spec(bq, True), _row_spec(bq, True)],
-      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_bwd_dq")(*args)
+      [_seq_shape(st, B, H, Tk, q.dtype), row, row], "softplus_attention_bwd_dq", args)(*args)
   args, in_specs = _common_inputs(st, q, k, v, km, (rs, n, den, lse), q_blocked=False)
   args += [_seq_in(do, plan, bq), D, E]
   in_specs += [_seq_spec(plan, Tb, False), _row_spec(Tb, False), _row_spec(Tb, False)]
@@ -722,7 +773,7 @@ def _sp_backward(st: _Static, q, k, v, km, rs, n, out, den, lse, do):
       functools.partial(_sp_dkdv_kernel, st=st, has_mask=km is not None), st,
       (B, H, pl.cdiv(Sk, bk)), in_specs, [_seq_spec(plan, bk, True)] * 2,
       [_seq_shape(st, B, H, Sk, k.dtype), _seq_shape(st, B, H, Sk, v.dtype)],
-      "softplus_attention_bwd_dkdv")(*args)
+      "softplus_attention_bwd_dkdv", args)(*args)
   return _seq_out(dq, st.T, plan), _seq_out(dk, st.S, plan), _seq_out(dv, st.S, plan)
 
 
@@ -815,7 +866,8 @@ def two_pass_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, *,
   if sum(x is not None for x in (gamma, sink, softplus_p)) > 1:
     raise ValueError("two_pass_attention takes one of gamma (clipped softmax), sink (softmax "
                      "with a sink) and softplus_p (softplus attention), not several")
-  plan = make_plan(T, S, K, interpret, block_q=block_q, block_k=block_k)
+  plan = make_plan(T, S, K, interpret, platform=target_lib.platform(q, k, v), block_q=block_q,
+                   block_k=block_k)
   km = None
   if key_mask_BxS is not None:
     key_mask_BxS = jnp.asarray(key_mask_BxS).astype(bool)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qtx.kernels import sharding
+from qtx.kernels import platforms as target_lib
 
 Array = jax.Array
 
@@ -49,7 +51,7 @@ LN2 = 0.6931471805599453
 LN2_HI = 0.693359375
 LN2_LO = LN2 - LN2_HI
 
-PLATFORMS = ("cpu", "gpu", "tpu")
+PLATFORMS = target_lib.PLATFORMS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,13 +61,11 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 def resolve_platform(interpret: Optional[bool], platform: Optional[str] = None) -> tuple[str, bool]:
   """(platform, interpret): the backend the kernels are laid out for and whether to interpret.
 
-  interpret=None interprets on CPU and compiles on GPU (Triton) and TPU (Mosaic).
+  interpret=None interprets on CPU and compiles on GPU (Triton) and TPU (Mosaic). The platform
+  is `platform` when given, else the one qtx.kernels.target resolves (a target() context, the
+  mesh's devices, jax's default backend).
   """
-  platform = platform or jax.default_backend()
-  if platform in ("cuda", "rocm"):
-    platform = "gpu"
-  if platform not in PLATFORMS:
-    raise ValueError(f"unsupported platform {platform!r}; choose one of {PLATFORMS}")
+  platform = target_lib.normalize(platform) if platform else target_lib.platform()
   if interpret is None:
     interpret = platform == "cpu"
   if platform == "cpu" and not interpret:
@@ -359,10 +359,34 @@ def _specs(plan: RowPlan, n_cols: int):
   return row_block, stat_block
 
 
-def _call(kernel, plan: RowPlan, n_rows: int, in_specs, out_specs, out_shape, name):
+# Per element of the R x N rows: (FLOPs, transcendentals) of each kernel, counted from its
+# passes. Forward: pass 1 scales, rounds and exponentiates (Cody-Waite: 2 multiply-adds) and
+# accumulates; pass 2 exponentiates again and divides; the clip adds a multiply-add and two
+# comparisons. logsumexp runs pass 1 only. Backward: the recomputed softmax (as pass 2), then
+# g_eff * s, its row sum, and s * (g_eff - sum).
+ROW_COST = {
+    "two_pass_softmax_fwd": (10, 2),
+    "two_pass_softmax_fwd_clip": (13, 2),
+    "two_pass_softmax_lse": (6, 1),
+    "two_pass_softmax_bwd": (9, 1),
+    "two_pass_softmax_bwd_clip": (13, 1),
+}
+
+
+def cost_estimate(name: str, n_rows: int, n_cols: int, args, out_shape) -> pl.CostEstimate:
+  """pl.CostEstimate of one row-kernel call: ROW_COST x R x N; bytes = every operand read once
+  and every result written once."""
+  fl, tr = ROW_COST[name]
+  n = n_rows * n_cols
+  nbytes = sum(a.size * a.dtype.itemsize for a in args)
+  nbytes += sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize for o in out_shape)
+  return pl.CostEstimate(flops=fl * n, transcendentals=tr * n, bytes_accessed=int(nbytes))
+
+
+def _call(kernel, plan: RowPlan, n_rows: int, in_specs, out_specs, out_shape, name, cost=None):
   return pl.pallas_call(
       kernel, grid=(pl.cdiv(n_rows, plan.block_rows),), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=plan.interpret, name=name,
+      out_shape=out_shape, interpret=plan.interpret, name=name, cost_estimate=cost,
       compiler_params=compiler_params(plan.platform, plan.interpret, plan.num_warps,
                                       num_stages=1))
 
@@ -379,7 +403,10 @@ def _forward_rows(x_RxN, mask_RxN, gamma_Rx1, plan: RowPlan, zeta: float, write_
   stat = jax.ShapeDtypeStruct((R, 1), jnp.float32)
   out_shape = ([jax.ShapeDtypeStruct((R, N), x_RxN.dtype)] if write_y else []) + [stat, stat]
   out_specs = [row_block] * write_y + [stat_block, stat_block]
-  outs = _call(kernel, plan, R, in_specs, out_specs, out_shape, "two_pass_softmax_fwd")(*args)
+  which = ("two_pass_softmax_fwd" + ("_clip" if clip else "")) if write_y else "two_pass_softmax_lse"
+  cost = cost_estimate(which, R, N, args, out_shape)
+  outs = _call(kernel, plan, R, in_specs, out_specs, out_shape, "two_pass_softmax_fwd",
+               cost)(*args)
   return (outs[0] if write_y else None), outs[-2], outs[-1]
 
 
@@ -398,7 +425,9 @@ def _backward_rows(x_RxN, mask_RxN, gamma_Rx1, e_Rx1, v_Rx1, g_RxN, plan: RowPla
   if clip:
     out_shape.append(jax.ShapeDtypeStruct((R, 1), jnp.float32))
     out_specs.append(stat_block)
-  outs = _call(kernel, plan, R, in_specs, out_specs, out_shape, "two_pass_softmax_bwd")(*args)
+  cost = cost_estimate("two_pass_softmax_bwd" + ("_clip" if clip else ""), R, N, args, out_shape)
+  outs = _call(kernel, plan, R, in_specs, out_specs, out_shape, "two_pass_softmax_bwd",
+               cost)(*args)
   return outs[0], (outs[1] if clip else None)
 
 
