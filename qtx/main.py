@@ -7,6 +7,8 @@ Modes (--config.mode=...):
   eval   zero-shot, retrieval and outliers of config.init_from (or WORKDIR's latest checkpoint)
   ptq    calibrate on quant.calib_batches batches, then evaluate float and fake-quantized models
   sweep  train + ptq per preset of sweep.normalizers and seed of sweep.seeds, one result table
+  compile  compile the programs for a TPU topology (compile.topology, e.g. v5e:2x4) on any host:
+         memory per chip, cost model, roofline (WORKDIR/compile.json); no data, no TPU
 
 Presets: configs/clip_tiny.py (CPU, embedded data), configs/clip_b16.py and configs/clip_b32.py
 (OpenAI ViT-B/16 and B/32 for accelerators; they refuse the embedded data unless 'runlocal').

@@ -4,6 +4,7 @@
   eval    zero-shot, retrieval and outlier statistics of config.init_from (or WORKDIR's checkpoint)
   ptq     calibrate on quant.calib_batches batches, evaluate the float and fake-quantized models
   sweep   train + PTQ for each preset of sweep.normalizers and seed of sweep.seeds, one table
+  compile the programs compiled for a TPU topology on any host (qtx.aot), shapes only
 
 `run(config, workdir)` is the entry point (the CLI calls it): it validates the config once,
 prepares the workdir (a changed config on resume is reported, or refused where it would change
