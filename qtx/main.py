@@ -41,7 +41,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False,
 flags.mark_flags_as_required(["config"])
 
 # Errors that mean "the configuration or the input is wrong": one line for people.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
 
 
 def run(config, workdir: str):
@@ -66,11 +66,46 @@ def main(argv):
   except USER_ERRORS as e:
     if _VERBOSE.value:
       raise
-    print(f"qtx: error: {e}\n(rerun with --verbose for the traceback)", file=sys.stderr)
+    print(f"qtx: error: {' '.join(str(e).split())}\n(rerun with --verbose for the traceback)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_error_line(e: BaseException) -> str:
+  """One line for a command-line error: a misspelt key or section (ml_collections' KeyError /
+  AttributeError, with its 'Did you mean' hint), a bad config word, a bad value."""
+  chain, cur = [], e
+  while cur is not None and len(chain) < 8:
+    chain.append(cur)
+    cur = cur.__cause__ or cur.__context__
+  texts = [" ".join(str(x.args[0] if x.args else x).replace("\\n", " ").split()) for x in chain]
+  keyish = [x for x in chain if isinstance(x, (KeyError, AttributeError))]
+  if keyish:
+    name = str(keyish[-1].args[0] if keyish[-1].args else "").strip("'\"").split("'")[0]
+    hint = next((t[t.find("Did you mean"):].replace('\\"', '"') for t in texts
+                 if "Did you mean" in t), "")
+    return (f"unknown config key {name!r} in the command line"
+            f"{'; ' + hint.strip(chr(39)) if hint else ''} (--print_config shows every key)")
+  inner = next((t for x, t in zip(reversed(chain), reversed(texts))
+                if isinstance(x, (ValueError, TypeError)) and t), texts[0])
+  return inner
+
+
+def parse_flags_or_exit(argv) -> None:
+  """Parse the flags (config file, its words and overrides) once before absl's app.run, so that a
+  command-line error is one line and exit code 2 (the traceback with --verbose)."""
+  try:
+    flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - config files raise anything; all are user errors here
+    if "--verbose" in argv or "--verbose=true" in argv:
+      raise
+    print(f"qtx: error: {_flag_error_line(e)}\n(rerun with --verbose for the traceback)",
+          file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
   from qtx import hostmem
   hostmem.maybe_reuse_freed_memory()  # before JAX starts its CPU threads
+  parse_flags_or_exit(sys.argv)
   app.run(main)

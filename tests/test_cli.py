@@ -100,3 +100,28 @@ def test_config_differences_name_changed_and_one_sided_keys():
                "sweep.only_finished": (config_lib.ABSENT, False),
                "model.extra": (1, config_lib.ABSENT)}
   assert config_lib.differences(saved, c, both=True) == {"train.lr": (0.5, c.train.lr)}
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("--config.train.totl_steps=3",),
+     "unknown config key 'totl_steps' in the command line; Did you mean \"total_steps\""),
+    (("--config.trian.lr=3",), "unknown config key 'trian' in the command line; Did you mean \"train\""),
+    (("--config.train.lr=abc",), "could not convert string to float: 'abc'"),
+])
+def test_misspelt_keys_sections_and_values_are_one_line(tmp_path, args, expect):
+  r = _main("--config", TINY, "--workdir", str(tmp_path), *args)
+  assert r.returncode == 2, r.stderr[-1000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith("qtx: error: ") and expect in lines[0]
+  assert "--verbose" in lines[1]
+  r = _main("--config", TINY, "--workdir", str(tmp_path), *args, "--verbose")
+  assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_misspelt_config_word_and_missing_config_file_are_one_line(tmp_path):
+  r = _main("--config", TINY + ":sigmoid", "--workdir", str(tmp_path))
+  assert r.returncode == 2 and "Traceback" not in r.stderr and "FATAL" not in r.stderr
+  assert "unknown config argument word(s) ['sigmoid']" in r.stderr.splitlines()[0]
+  r = _main("--config", os.path.join(ROOT, "configs", "nope.py"), "--workdir", str(tmp_path))
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "configs/nope.py" in r.stderr.splitlines()[0]

@@ -219,6 +219,25 @@ def collectives(module: Module, devices: int) -> dict[str, dict]:
   return out
 
 
+def loop_scale(module: Module) -> float:
+  """HBM bytes of the top-level ops counted with loop trip counts over the same counted once
+  per loop body (1.0 for a module without counted loops). XLA's cost analysis counts a while
+  loop's body once; compile mode multiplies its figures by this."""
+  once = sum(b / max(runs, 1e-30) * (runs > 0) for (_, b), runs in _bytes_and_runs(module))
+  full = sum(b for (_, b), _ in _bytes_and_runs(module))
+  return full / once if once else 1.0
+
+
+def _bytes_and_runs(module: Module):
+  mult = module.multiplicity()
+  by_name = {}
+  for comp, instrs in module.computations.items():
+    for ins in instrs:
+      by_name[id(ins)] = mult[comp]
+  for ins, b in op_bytes(module):
+    yield (ins, b), by_name[id(ins)]
+
+
 def op_bytes(module: Module):
   """(instruction, HBM bytes per execution: operands read + result written, x runs) of every
   top-level op that moves data (module docstring)."""

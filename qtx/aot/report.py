@@ -2,7 +2,9 @@
 
 `compile_program` lowers and compiles one program (qtx.aot.programs) and returns its record:
 the memory the TPU compiler plans per chip (`memory_analysis()`), its cost model's FLOPs and
-HBM bytes per chip (`cost_analysis()`), the collectives of the compiled module by kind
+HBM bytes per chip (`cost_analysis()`, which counts a while loop's body once: they are scaled
+by the loops' trip counts as the compiled module's text gives them, and the FLOPs are at least
+the model's), the collectives of the compiled module by kind
 (qtx.aot.hlo), and a roofline:
 
     compute_s = flops / peak bf16 FLOP/s      memory_s = bytes_accessed / HBM bandwidth
@@ -29,7 +31,8 @@ DEFAULT_HEADROOM = 0.1
 KEYS = ("program", "topology", "device_kind", "chips", "hosts", "per_chip_batch", "microbatches",
         "hbm_bytes", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "used_bytes",
         "fits", "flops", "model_flops", "bytes_accessed", "collective_bytes", "compute_s",
-        "memory_s", "ici_s", "roofline_s", "roofline_mfu", "bound", "compile_s", "error")
+        "memory_s", "ici_s", "roofline_s", "roofline_mfu", "bound", "compile_s", "error",
+        "compiler_flops", "compiler_bytes_accessed", "loop_scale")
 
 
 def _cost(compiled) -> dict:
@@ -109,10 +112,17 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
   rec["compile_s"] = time.perf_counter() - t0
   rec.update(memory(compiled))
   cost = _cost(compiled)
-  rec["flops"] = float(cost.get("flops", 0.0))
-  rec["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
   text = compiled.as_text()
   module = hlo.parse(text)
+  # XLA's cost analysis counts a while loop's body once (the microbatch loops of a step with
+  # train.microbatches > 1): scale by the trip counts (hlo.loop_scale); the FLOPs are at least
+  # the model's
+  rec["compiler_flops"] = float(cost.get("flops", 0.0))
+  rec["compiler_bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+  rec["loop_scale"] = hlo.loop_scale(module)
+  rec["bytes_accessed"] = rec["compiler_bytes_accessed"] * rec["loop_scale"]
+  model_per_chip = program.model_flops / n if program.model_flops else 0.0
+  rec["flops"] = max(rec["compiler_flops"] * rec["loop_scale"], model_per_chip)
   coll = hlo.collectives(module, n)
   rec["collective_bytes"] = {k: v["bytes"] for k, v in sorted(coll.items())}
   wire = sum(v["wire_bytes"] for v in coll.values())
