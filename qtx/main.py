@@ -91,11 +91,12 @@ def _flag_error_line(e: BaseException) -> str:
   return inner
 
 
-def parse_flags_or_exit(argv) -> None:
-  """Parse the flags (config file, its words and overrides) once before absl's app.run, so that a
-  command-line error is one line and exit code 2 (the traceback with --verbose)."""
+def parse_flags_or_exit(argv) -> list:
+  """Parse the flags (config file, its words and overrides) before absl's app.run, so that a
+  command-line error is one line and exit code 2 (the traceback with --verbose); returns the
+  remaining arguments, which app.run takes instead of parsing a second time."""
   try:
-    flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - config files raise anything; all are user errors here
     if "--verbose" in argv or "--verbose=true" in argv:
       raise
@@ -107,5 +108,5 @@ def parse_flags_or_exit(argv) -> None:
 if __name__ == "__main__":
   from qtx import hostmem
   hostmem.maybe_reuse_freed_memory()  # before JAX starts its CPU threads
-  parse_flags_or_exit(sys.argv)
-  app.run(main)
+  rest = parse_flags_or_exit(sys.argv)
+  app.run(main, flags_parser=lambda _argv: rest)
