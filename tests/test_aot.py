@@ -116,6 +116,43 @@ def test_hlo_multiplicity_collectives_and_bytes():
   assert parts["text MLP bwd"] == ops["y"] and parts["image attention fwd"] == ops["ag"]
 
 
+HLO_NO_TRIP_COUNT = """HloModule m2
+
+%cond2 (p.2: (s32[], f32[8,16])) -> pred[] {
+  %p.2 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i2 = s32[] get-tuple-element(%p.2), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i2, %n), direction=LT
+}
+
+%body2 (p.3: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p.3 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%p.3), index=0
+  %two = s32[] constant(2)
+  %j2 = s32[] add(%j, %two)
+  %z = f32[8,16]{1,0} get-tuple-element(%p.3), index=1
+  %e = f32[8,16]{1,0} exponential(%z)
+  ROOT %t2 = (s32[], f32[8,16]{1,0}) tuple(%j2, %e)
+}
+
+ENTRY %main2 (x.1: f32[8,16]) -> (s32[], f32[8,16]) {
+  %x.1 = f32[8,16]{1,0} parameter(0)
+  %one = s32[] constant(1)
+  %init2 = (s32[], f32[8,16]{1,0}) tuple(%one, %x.1)
+  ROOT %w2 = (s32[], f32[8,16]{1,0}) while(%init2), condition=%cond2, body=%body2
+}
+"""
+
+
+def test_hlo_trip_count_inferred_from_the_loop_condition():
+  # i = 1; while i < 7: i += 2  -> 3 trips (1, 3, 5), as the compiled TPU module writes loops
+  m = hlo.parse(HLO_NO_TRIP_COUNT)
+  (loop,) = [i for i in m.computations["main2"] if i.opcode == "while"]
+  assert loop.trip_count == 3 and m.multiplicity()["body2"] == 3.0
+  ops = {ins.name: b for ins, b in hlo.op_bytes(m)}
+  assert ops["e"] == 3 * (512 + 512)
+
+
 def test_part_of_labels():
   assert hlo.part_of("jit(s)/transpose(jvp(CLIP))/CLIP.encode_image/x/attn/dot") == \
       "image attention bwd"

@@ -4,7 +4,9 @@ per-op account of HBM bytes grouped by the model's parts.
 The compiler's `cost_analysis()` gives one total of FLOPs and bytes per program; this module
 splits the program up. Each computation runs as often as its callers do, times the trip count
 of a while loop whose body it is (the compiler writes `known_trip_count` in the loop's
-backend_config; a loop without one counts once). Top-level ops (not the inside of a fusion)
+backend_config; a loop without one counts once). (The compiled TPU module writes no
+`known_trip_count`; the count is then read from the loop's condition and step.) Top-level ops
+(not the inside of a fusion)
 read their operands and write their result: that is the HBM traffic this module attributes to
 an op, the same convention as XLA's "bytes accessed" (it ignores what stays in on-chip memory
 inside a fusion). It is an account of the compiled program, not a measurement.
@@ -65,9 +67,11 @@ class Instr:
   operands: list[str]
   calls: list[str]  # computations it calls
   body: Optional[str]  # a while loop's body
-  trip_count: Optional[int]
+  trip_count: Optional[int]  # a while loop's known_trip_count, or inferred (Module.__post_init__)
   op_name: str  # JAX name scope ('' where XLA made the op)
   text: str
+  condition: Optional[str] = None  # a while loop's condition
+  root: bool = False
 
   @property
   def result_bytes(self) -> float:
@@ -97,8 +101,10 @@ def _parse_instr(name: str, rest: str) -> Instr:
   body = re.search(r"\bbody=%([\w.\-]+)", after)
   trip = re.search(r'known_trip_count[^0-9]*"n"\s*:\s*"?(\d+)', after)
   scope = re.search(r'op_name="([^"]*)"', after)
+  cond = re.search(r"\bcondition=%([\w.\-]+)", after)
   return Instr(name, opcode, shape, operands, calls, body.group(1) if body else None,
-               int(trip.group(1)) if trip else None, scope.group(1) if scope else "", rest)
+               int(trip.group(1)) if trip else None, scope.group(1) if scope else "", rest,
+               cond.group(1) if cond else None)
 
 
 @dataclasses.dataclass
@@ -106,6 +112,16 @@ class Module:
   computations: dict[str, list[Instr]]
   entry: str
   fused: set[str]  # computations that are the inside of a fusion (or a reduction's combiner)
+
+  def __post_init__(self):
+    """Trip counts of while loops the compiler wrote none for (the compiled TPU module writes
+    none): a condition `i < N` on a tuple element that starts at a constant M (else 0) and that
+    the body steps by a constant S (else 1) runs ceil((N - M) / S) times."""
+    for instrs in self.computations.values():
+      local = {i.name: i for i in instrs}
+      for ins in instrs:
+        if ins.opcode == "while" and ins.trip_count is None and ins.condition and ins.body:
+          ins.trip_count = _infer_trip_count(self, ins, local)
 
   def multiplicity(self) -> dict[str, float]:
     """How many times each computation runs per execution of the entry computation."""
@@ -137,6 +153,50 @@ class Module:
         yield ins, comp, mult[comp]
 
 
+def _const(ins: Optional[Instr]) -> Optional[int]:
+  if ins is None or ins.opcode != "constant":
+    return None
+  m = re.search(r"constant\((-?\d+)\)", ins.text)
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(ins: Optional[Instr]) -> Optional[int]:
+  if ins is None or ins.opcode != "get-tuple-element":
+    return None
+  m = re.search(r"\bindex=(\d+)", ins.text)
+  return int(m.group(1)) if m else None
+
+
+def _infer_trip_count(module: "Module", loop: Instr, caller: dict) -> Optional[int]:
+  cond = {i.name: i for i in module.computations.get(loop.condition, [])}
+  body = {i.name: i for i in module.computations.get(loop.body, [])}
+  root = next((i for i in cond.values() if i.root), None)
+  if root is None or root.opcode != "compare" or len(root.operands) != 2:
+    return None
+  a, b = (cond.get(o) for o in root.operands)
+  if "direction=LT" in root.text:
+    counter, limit = a, _const(b)
+  elif "direction=GT" in root.text:
+    counter, limit = b, _const(a)
+  else:
+    return None
+  k = _tuple_index(counter)
+  if limit is None or k is None:
+    return None
+  init = 0
+  start = caller.get(loop.operands[0]) if loop.operands else None
+  if start is not None and start.opcode == "tuple" and k < len(start.operands):
+    init = _const(caller.get(start.operands[k])) or 0
+  step = 1
+  broot = next((i for i in body.values() if i.root), None)
+  if broot is not None and broot.opcode == "tuple" and k < len(broot.operands):
+    nxt = body.get(broot.operands[k])
+    if nxt is not None and nxt.opcode == "add" and len(nxt.operands) == 2:
+      consts = [_const(body.get(o)) for o in nxt.operands]
+      step = next((c for c in consts if c), 1)
+  return max(0, -(-(limit - init) // step)) if step > 0 else None
+
+
 def parse(text: str) -> Module:
   """The computations of an HLO module's text (compiled.as_text())."""
   comps: dict[str, list[Instr]] = {}
@@ -156,7 +216,9 @@ def parse(text: str) -> Module:
       continue
     m = _INSTR.match(line)
     if m:
-      comps[current].append(_parse_instr(m.group(2), m.group(3)))
+      ins = _parse_instr(m.group(2), m.group(3))
+      ins.root = bool(m.group(1))
+      comps[current].append(ins)
   fused = set()
   for instrs in comps.values():
     for ins in instrs:
