@@ -30,7 +30,10 @@ def _env_cluster() -> bool:
   if "SLURM_JOB_ID" in os.environ:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1
   from qtx import tpu_host
-  if "TPU_WORKER_HOSTNAMES" in os.environ and not tpu_host.placeholder_env():
+  # a TPU pod's worker list means something only on a host with TPU chips (without any, it is
+  # qtx.tpu_host's placeholder for compile-only libtpu, perhaps inherited by a child process)
+  if ("TPU_WORKER_HOSTNAMES" in os.environ and not tpu_host.placeholder_env()
+      and tpu_host.tpu_chips()):
     return True
   return "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 

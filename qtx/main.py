@@ -95,6 +95,7 @@ def parse_flags_or_exit(argv) -> list:
   """Parse the flags (config file, its words and overrides) before absl's app.run, so that a
   command-line error is one line and exit code 2 (the traceback with --verbose); returns the
   remaining arguments, which app.run takes instead of parsing a second time."""
+  app.define_help_flags()  # --help / --helpshort / --helpfull, as app.run would define them
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - config files raise anything; all are user errors here

@@ -35,6 +35,7 @@ def _log(msg: str) -> None:
 def run(config, workdir: str) -> dict:
   c = config.compile
   topo = topology_lib.parse(c.topology, int(c.num_slices))
+  wanted = programs_lib.names(c.what)
   devices = topology_lib.devices(topo)
   n = len(devices)
   config = copy.deepcopy(config)
@@ -49,7 +50,6 @@ def run(config, workdir: str) -> dict:
        f"{dict(zip(('data', 'fsdp', 'tensor'), _mesh(config, n)))}")
   out = {"topology": topo.name, "num_slices": topo.num_slices, "chips": n, "hosts": topo.hosts,
          "config": config.data.preset or "", "programs": [], "search": []}
-  wanted = programs_lib.names(c.what)
   records = []
   if c.find_batch:
     best, tries = fit_lib.find_batch(config, devices, log=_log, **kw)
