@@ -215,6 +215,10 @@ def test_compile_mode_tiny_train_step_v5e_2x2(micro, tmp_path):
   assert rec["roofline_s"] == max(rec["flops"] / 197e12, rec["bytes_accessed"] / 819e9,
                                   rec["ici_s"])
   assert "| train | v5e:2x2 | 4 (1) |" in (tmp_path / "compile.md").read_text()
+  parts = rec["bytes_by_part"]
+  assert {"image attention fwd", "image attention bwd", "text MLP bwd"} <= set(parts)
+  assert sum(parts.values()) == pytest.approx(
+      sum(b for _, b in hlo.op_bytes(hlo.parse(compiled.as_text()))), rel=1e-9)
   assert out["programs"][0]["fits"]
 
 

@@ -32,7 +32,8 @@ KEYS = ("program", "topology", "device_kind", "chips", "hosts", "per_chip_batch"
         "hbm_bytes", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "used_bytes",
         "fits", "flops", "model_flops", "bytes_accessed", "collective_bytes", "compute_s",
         "memory_s", "ici_s", "roofline_s", "roofline_mfu", "bound", "compile_s", "error",
-        "compiler_flops", "compiler_bytes_accessed", "loop_scale", "cost_incomplete")
+        "compiler_flops", "compiler_bytes_accessed", "loop_scale", "cost_incomplete",
+        "bytes_by_part")
 
 
 def _cost(compiled) -> dict:
@@ -103,7 +104,12 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
     with warnings.catch_warnings():
       # a persistent compilation cache cannot hand back programs of compile-only devices
       warnings.filterwarnings("ignore", message=".*persistent compilation cache.*")
-      compiled = program.fn.lower(*program.args).compile()
+      options = None
+      if dev.platform == "gpu":
+        # without a GPU the Triton GEMM fusions cannot be tiled from the target description:
+        # cuBLAS GEMMs (the same memory plan for the buffers around them)
+        options = {"xla_gpu_enable_triton_gemm": False}
+      compiled = program.fn.lower(*program.args).compile(compiler_options=options)
   except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory refusal is a result
     if not _EXHAUSTED.search(str(e)):
       raise
@@ -125,15 +131,21 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
   rec["flops"] = max(rec["compiler_flops"] * rec["loop_scale"], model_per_chip)
   # fewer FLOPs than the model needs: loops the trip-count scaling did not find (the HBM bytes
   # are undercounted as well, so the roofline is not a bound then)
-  rec["cost_incomplete"] = rec["compiler_flops"] * rec["loop_scale"] < 0.9 * model_per_chip
+  rec["cost_incomplete"] = (not cost) or (
+      rec["compiler_flops"] * rec["loop_scale"] < 0.9 * model_per_chip)
+  if not cost:  # the GPU compiler gives no cost analysis for a program it compiled deviceless
+    rec["bytes_accessed"] = rec["compiler_bytes_accessed"] = None
   coll = hlo.collectives(module, n)
+  # where the HBM traffic goes: the top-level ops' bytes by tower, part and direction
+  rec["bytes_by_part"] = dict(sorted(hlo.bytes_by_part(module).items(), key=lambda kv: -kv[1]))
   rec["collective_bytes"] = {k: v["bytes"] for k, v in sorted(coll.items())}
   wire = sum(v["wire_bytes"] for v in coll.values())
   rec["model_flops"] = program.model_flops / n if program.model_flops else None
   if chip is not None:
     budget = (1.0 - headroom) * chip.hbm_bytes
     rec["fits"] = rec["used_bytes"] <= budget
-    rec.update(roofline(rec["flops"], rec["bytes_accessed"], wire, chip, rec["model_flops"]))
+    if rec["bytes_accessed"] is not None:
+      rec.update(roofline(rec["flops"], rec["bytes_accessed"], wire, chip, rec["model_flops"]))
   if keep_text:
     rec["hlo_text"] = text
   return rec
@@ -184,8 +196,9 @@ def summary(records: list[dict]) -> str:
     if r.get("cost_incomplete"):
       parts.append(f"{r['program']}: {'fits' if r.get('fits') else 'DOES NOT FIT'} "
                    f"{_gib(r.get('used_bytes'))}/{_gib(r.get('hbm_bytes'))} GiB, batch/chip "
-                   f"{r['per_chip_batch']} x{r['microbatches']} mb; the cost model counted its "
-                   "loops once: no roofline")
+                   f"{r['per_chip_batch']} x{r['microbatches']} mb; "
+                   + ("no cost analysis from this compiler" if r.get("bytes_accessed") is None
+                      else "the cost model counted its loops once") + ": no roofline")
       continue
     parts.append(
         f"{r['program']}: {'fits' if r.get('fits') else 'DOES NOT FIT'} "
