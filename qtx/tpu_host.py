@@ -57,6 +57,26 @@ def quiet_compile_only(environ=None) -> bool:
   return True
 
 
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def accelerator_devices() -> bool:
+  """True when this host has TPU chips or GPU device files (NVIDIA, WSL, AMD)."""
+  return bool(tpu_chips()) or any(os.path.exists(p) for p in _GPU_DEVICE_FILES)
+
+
+def cpu_platform_default(environ=None) -> bool:
+  """On a host without any accelerator, JAX_PLATFORMS=cpu unless the user set it: JAX would
+  fall back to the CPU anyway, but an installed accelerator plugin (libtpu, the CUDA plugin
+  for compiling without a GPU) would first try to start and print its failure. Compiling for
+  TPU topologies or GPUs without devices (qtx.aot) works with it. True when it set it."""
+  env = os.environ if environ is None else environ
+  if env.get("JAX_PLATFORMS") is not None or accelerator_devices():
+    return False
+  env["JAX_PLATFORMS"] = "cpu"
+  return True
+
+
 def placeholder_env(environ=None) -> bool:
   """True when the TPU variables are quiet_compile_only's placeholders, not a real pod's."""
   return (os.environ if environ is None else environ).get(MARK) == "1"

@@ -43,6 +43,39 @@ def test_topology_names_refused(bad):
     topology.parse(bad)
 
 
+def test_gpu_topology_names():
+  t = topology.parse("h100-16")
+  assert (t.platform, t.shape, t.hosts, t.chips, t.name) == ("gpu", (2, 8), 2, 16, "h100:2x8")
+  assert topology.parse("h100-4").shape == (1, 4) and topology.parse("h100:1x8").chips == 8
+  with pytest.raises(ValueError, match="do not fill hosts"):
+    topology.parse("h100-12")
+
+
+def test_no_accelerator_means_the_cpu_platform():
+  if tpu_host.accelerator_devices():
+    pytest.skip("this host has an accelerator")
+  env = {}
+  assert tpu_host.cpu_platform_default(env) and env["JAX_PLATFORMS"] == "cpu"
+  mine = {"JAX_PLATFORMS": "cuda"}
+  assert not tpu_host.cpu_platform_default(mine) and mine["JAX_PLATFORMS"] == "cuda"
+
+
+def test_compile_for_h100_without_a_gpu(micro, tmp_path):
+  pytest.importorskip("jax_plugins.xla_cuda13", reason="needs the CUDA plugin: pip install "
+                      "-e '.[gpu-compile]'")
+  from qtx import modes
+  c = _config(micro)
+  c.compile.topology = "h100-8"
+  c.compile.what = "train,encode_image"
+  modes.run(c, str(tmp_path))
+  recs = json.loads((tmp_path / "compile.json").read_text())["programs"]
+  assert [(r["program"], r["chips"], r["device_kind"]) for r in recs] == \
+      [("train", 8, "NVIDIA H100 80GB HBM3"), ("encode_image", 8, "NVIDIA H100 80GB HBM3")]
+  assert all(r["fits"] and r["used_bytes"] > 0 for r in recs)
+  assert recs[0]["hbm_bytes"] == 80 * 2**30 and recs[0]["collective_bytes"]["all-reduce"] > 0
+  assert recs[0]["roofline_s"] is None and recs[0]["cost_incomplete"]  # no cost analysis
+
+
 def test_compile_only_devices_match_the_topology():
   for name, kind, n, procs in (("v5e:4x4", "TPU v5 lite", 16, 4), ("v6e-8", "TPU v6 lite", 8, 1),
                                ("v4-16", "TPU v4", 8, 2)):
