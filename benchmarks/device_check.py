@@ -18,7 +18,8 @@ so). It writes one markdown report naming the device:
 3. two-pass attention (softmax, clipped, sink, softplus) against jax.nn.dot_product_attention at
    T = 197 and 1024, forward + backward, bfloat16, block sizes autotuned over a small grid;
 4. the ViT-B/16 CLIP train step (bfloat16, remat) at the largest batch that fits: samples/s,
-   model TFLOP/s per device and MFU.
+   model TFLOP/s per device and MFU, beside the compiler's cost-model roofline of the same
+   executable (qtx.aot.report: an estimate; the measured step says how good it is).
 
 Timing: the sides of a comparison alternate over several rounds in one process; the median of
 the round medians is reported with the spread (min-max of the rounds' medians).
@@ -248,7 +249,7 @@ def train_rows(dry: bool, deadline: Deadline):
   batches = [8] if dry else [1024, 512, 256, 128]
   for B in batches:
     if deadline.left() < (20 if dry else 90):
-      rows.append([f"batch {B}", "skipped (time budget)", "", "", "", ""])
+      rows.append([f"batch {B}", "skipped (time budget)", "", "", "", "", ""])
       break
     if dry:
       c = config_lib.tiny_config()
@@ -266,12 +267,14 @@ def train_rows(dry: bool, deadline: Deadline):
     except Exception as e:  # noqa: BLE001 - out of memory: try a smaller batch
       msg = str(e).splitlines()[0][:100]
       rows.append([f"{label}, batch {B}", f"did not fit/run: {type(e).__name__} {msg}",
-                   "", "", "", ""])
+                   "", "", "", "", ""])
       continue
     mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] else "- (no peak for this device)"
     mem = f"{m['mem_gib']:.1f}" if m["mem_gib"] else "-"
+    est = (f"{1e3 * m['roofline_s']:.1f} / {1e3 * m['step_s']:.1f}" if m.get("roofline_s")
+           else f"- / {1e3 * m['step_s']:.1f}")
     rows.append([f"{label}, batch {B}", f"{m['samples_per_s']:.0f}", f"{m['tflops']:.1f}", mfu,
-                 mem, f"{m['compile_s']:.0f}"])
+                 mem, f"{m['compile_s']:.0f}", est])
     break
   return rows
 
@@ -326,7 +329,8 @@ def main(argv=None) -> str:
           ["shape / normalizer", "kernel ms", "fused baseline ms", "speed-up", "best blocks"],
           lambda: attention_rows(a.dry_run, plat, deadline, rounds, iters))
   section("4. CLIP train step", ["model, batch", "samples/s", "TFLOP/s per device", "MFU",
-                                 "memory GiB", "compile s"],
+                                 "memory GiB", "compile s",
+                                 "cost-model roofline ms / measured step ms"],
           lambda: train_rows(a.dry_run, deadline))
   sections.append(f"Total {time.perf_counter() - t_start:.0f} s.")
   text = "\n\n".join(sections) + "\n"

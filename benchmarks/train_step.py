@@ -179,7 +179,17 @@ def measure(config, steps: int, warmup: int = 2, op_profile: int = 0,
            - ma.alias_size_in_bytes)
   except Exception:  # noqa: BLE001 - not every backend reports it
     pass
+  est = None
+  try:  # the compiler's cost-model roofline of the same executable (qtx.aot.report)
+    from qtx import chips
+    from qtx.aot import report
+    chip = chips.of_device(s.mesh.devices.flat[0])
+    if chip is not None:
+      est = report.analyse(compiled, n_dev, model_flops, chip).get("roofline_s")
+  except Exception:  # noqa: BLE001 - an estimate must never break a measurement
+    est = None
   return {"step_s": dt, "steps_per_s": 1 / dt, "samples_per_s": B / dt, "tflops": tflops,
+          "roofline_s": est,
           "xla_tflops": (xla_flops / dt / n_dev / 1e12) if xla_flops else None,
           "mfu": tflops / peak if peak else None, "mem_gib": mem / 2**30 if mem else None,
           "compile_s": compile_s, "devices": n_dev, "ops": ops, "faults": faults}

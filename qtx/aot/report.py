@@ -116,6 +116,18 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
     rec.update(fits=False, error=_first_line(e), compile_s=time.perf_counter() - t0)
     return rec
   rec["compile_s"] = time.perf_counter() - t0
+  rec.update(analyse(compiled, n, program.model_flops, chip, headroom, keep_text))
+  return rec
+
+
+def analyse(compiled, n_devices: int, model_flops: Optional[float] = None,
+            chip: Optional[chips_lib.Chip] = None, headroom: float = DEFAULT_HEADROOM,
+            keep_text: bool = False) -> dict:
+  """The record's figures (memory, cost, collectives, roofline) of a compiled program, on
+  compile-only or real devices (benchmarks.device_check prints them beside a measured step).
+  model_flops: analytic FLOPs of one execution on all n_devices together."""
+  rec = {}
+  n = n_devices
   rec.update(memory(compiled))
   cost = _cost(compiled)
   text = compiled.as_text()
@@ -127,7 +139,7 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
   rec["compiler_bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
   rec["loop_scale"] = hlo.loop_scale(module)
   rec["bytes_accessed"] = rec["compiler_bytes_accessed"] * rec["loop_scale"]
-  model_per_chip = program.model_flops / n if program.model_flops else 0.0
+  model_per_chip = model_flops / n if model_flops else 0.0
   rec["flops"] = max(rec["compiler_flops"] * rec["loop_scale"], model_per_chip)
   # fewer FLOPs than the model needs: loops the trip-count scaling did not find (the HBM bytes
   # are undercounted as well, so the roofline is not a bound then)
@@ -140,7 +152,7 @@ def compile_program(program, devices, *, topology: str = "", hosts: int = 1,
   rec["bytes_by_part"] = dict(sorted(hlo.bytes_by_part(module).items(), key=lambda kv: -kv[1]))
   rec["collective_bytes"] = {k: v["bytes"] for k, v in sorted(coll.items())}
   wire = sum(v["wire_bytes"] for v in coll.values())
-  rec["model_flops"] = program.model_flops / n if program.model_flops else None
+  rec["model_flops"] = model_per_chip or None
   if chip is not None:
     budget = (1.0 - headroom) * chip.hbm_bytes
     rec["fits"] = rec["used_bytes"] <= budget
