@@ -294,6 +294,20 @@ def test_auto_microbatches_fit_a_smaller_memory(micro, v5e_2x2):
     fit.choose_microbatches(c, v5e_2x2, chip=tiny, log=logs.append)
 
 
+def test_find_batch_is_the_largest_multiple_that_fits(micro, v5e_2x2):
+  c = _config(micro)
+  used = {b: fit.compile_train(fit.with_batch(c, b * 4, 1), v5e_2x2)["used_bytes"]
+          for b in (16, 24)}
+  assert used[16] < used[24]
+  v5e = chips.by_name("v5e")
+  hbm = int((used[16] + used[24]) / 2 / (1 - report.DEFAULT_HEADROOM))
+  small = chips.Chip("v5e", v5e.kinds, v5e.bf16_flops, hbm, v5e.hbm_bw, v5e.ici_bw, "test")
+  best, tries = fit.find_batch(c, v5e_2x2, chip=small, log=lambda _: None)
+  assert best == 16
+  tried = [t["per_chip_batch"] for t in tries]
+  assert tried[:3] == [8, 16, 32] and 24 in tried and all(b % 8 == 0 for b in tried)
+
+
 def test_microbatch_candidates():
   assert fit.microbatch_candidates(512, 8) == [1, 2, 4, 8, 16, 32, 64]
   assert fit.microbatch_candidates(24, 4) == [1, 2]
