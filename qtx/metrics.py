@@ -105,6 +105,11 @@ def summary_line(head: str, step: int, m: Mapping[str, Any], fields=SUMMARY_FIEL
   for key, label, fmt in fields:
     if key in m:
       parts.append(f"{label} {fmt.format(float(m[key]))}")
+  # each extra zero-shot evaluator (eval.zeroshot: eval/<name>/zeroshot_top1), after the rest
+  for key in sorted(m):
+    parts_of = key.split("/")
+    if len(parts_of) == 3 and parts_of[0] == "eval" and parts_of[2] == "zeroshot_top1":
+      parts.append(f"{parts_of[1]} zero-shot top-1 {float(m[key]):.1%}")
   return " | ".join(parts)
 
 

@@ -97,3 +97,12 @@ def test_blockwise_zeroshot_equals_full_matrix_topk():
   for k in (1, 5):
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     assert got[f"zeroshot_top{k}"] == pytest.approx(np.mean(np.any(top == labels[:, None], 1)))
+
+
+def test_summary_line_names_each_extra_zeroshot_evaluator():
+  line = metrics.summary_line("qtx", 7, {"train/loss": 1.5, "eval/zeroshot_top1": 0.25,
+                                         "eval/imagefolder/zeroshot_top1": 0.5,
+                                         "eval/fashion_mnist/zeroshot_top1": 0.125,
+                                         "eval/imagefolder/num_samples": 10})
+  assert line == ("qtx: step 7 | loss 1.5000 | zero-shot top-1 25.0% | fashion_mnist zero-shot "
+                  "top-1 12.5% | imagefolder zero-shot top-1 50.0%")
