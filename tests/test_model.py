@@ -58,8 +58,9 @@ def test_pod_presets_are_pod_safe_and_refuse_synthetic_data():
   from qtx import config_lib as cl
   for fn, name in ((cl.b16_config, "configs/clip_b16.py"), (cl.b32_config, "configs/clip_b32.py")):
     c = fn("gated")
-    assert (c.model.dtype, c.model.remat) == ("bfloat16", "dots")
-    assert c.checkpoint.every_steps == 1000 and c.mesh.shape.fsdp == -1
+    assert (c.model.dtype, c.model.remat, c.train.microbatches) == ("bfloat16", "full", 0)
+    assert c.checkpoint.every_steps == 1000
+    assert (c.mesh.shape.data, c.mesh.shape.fsdp) == (-1, 1)
     assert c.model.image.attention.gate == "linear"
     with pytest.raises(ValueError, match=rf"refuses the embedded synthetic.*{name}:runlocal"):
       cl.validate(c)
