@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 
+from qtx.aot.hlo import part_of  # noqa: F401 (the grouping of op names, one home)
 from qtx import flops as flops_lib
 from qtx import parallel
 from qtx import run as run_lib
@@ -68,11 +69,6 @@ def op_time_by_kind(trace_events, steps: int) -> dict[str, float]:
   return dict(by_kind)
 
 
-# (substring of an op's name scope, part of the model) in the order they are tried
-_PARTS = (("/attn/", "attention"), ("/mlp/", "MLP"), ("/ln_", "LayerNorm"),
-          ("patch_embed", "patch embedding"), ("/proj", "projection"))
-
-
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
   """{instruction name: its op_name metadata (the JAX name scope), '' where it has none} of
   every instruction of a compiled HLO module."""
@@ -83,22 +79,6 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
       scope = re.search(r'op_name="([^"]*)"', line)
       names[m.group(1)] = scope.group(1) if scope else ""
   return names
-
-
-def part_of(op_name: str) -> str:
-  """'image attention bwd'-style label of an op from its JAX name scope: the tower (image /
-  text, from the CLIP module's encode_image / encode_text), the part of the block, and the
-  direction (autodiff's transpose scope is the backward pass, which includes a remat'ed
-  forward's recomputation); ops outside the towers (the loss, its gradient, the optimizer) are
-  one group, and ops XLA created without a name scope another."""
-  if not op_name:
-    return "XLA-created ops (no name scope)"
-  tower = ("image" if "encode_image" in op_name else
-           "text" if "encode_text" in op_name else None)
-  if tower is None:
-    return "loss, optimizer, other"
-  part = next((label for key, label in _PARTS if key in op_name), "embedding, pooling, other")
-  return f"{tower} {part} {'bwd' if 'transpose(' in op_name else 'fwd'}"
 
 
 def op_time_by_part(trace_events, steps: int, op_names: dict[str, str]) -> dict[str, float]:
