@@ -11,8 +11,10 @@ float32 and the result is cast back to the input dtype.
 
 Each is one module of this package that registers a `Spec` (`base.py`: its config keys and
 defaults, validation, optional Pallas support) and lists its public functions in `__all__`; the
-package imports every module it holds, so adding a normalizer is adding one file (docs/extending.md). Gated attention is not a
-normalizer: it multiplies the context of each head (`qtx.nn.attention`), on top of any of these.
+package imports every module it holds. A normalizer of your own needs no edit of qtx: a file of
+yours calls `register(Spec(...))` and your config imports it (docs/extending.md, run as
+written by the tests). Gated attention is not a normalizer: it multiplies the context of each
+head (`qtx.nn.attention`), on top of any of these.
 """
 import importlib as _importlib
 import pkgutil as _pkgutil
