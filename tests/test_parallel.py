@@ -269,7 +269,7 @@ def test_data_parallel_train_step_gathers_no_indices_and_all_reduces_no_token_ta
 def test_fsdp_step_runs_each_tower_on_its_batch_shard_only():
   """Under FSDP the token table is split along its width over the axis the batch is split
   over; the text tower must still run on each device's batch shard, not on the global batch
-  (it did: 8x the text tower's work and HBM traffic on 8 devices)."""
+  (it did: 8x the text tower's work and HBM traffic on 8 devices; qtx.nn.text.whole_table)."""
   import re
   from qtx.aot import hlo, programs
   c = micro_config()

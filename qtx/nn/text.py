@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qtx.kernels.sharding import context_mesh, split_axes
+from qtx.kernels.sharding import context_mesh
 from qtx.nn.attention import AttentionConfig
 from qtx.nn.transformer import Encoder, layer_norm
 from qtx.quant.layers import ActQuant, QDense, QuantConfig
@@ -38,20 +38,16 @@ def embed_lookup(table_VxD, ids_BxT):
   return _gathered_grad_lookup(table_VxD, ids_BxT)
 
 
-def batch_sharded(x_BxTxD):
-  """x with its batch axis split over the mesh's batch axes (qtx.kernels.sharding.split_axes)
-  when a mesh is in context, else x. Under FSDP the token table is split along its width over
-  the same axis the batch is split over; without this constraint the partitioner keeps the
-  lookup's width split and gathers the batch, and the whole text tower then runs on the global
-  batch on every device."""
-  mesh = context_mesh()
-  if mesh is None:
-    return x_BxTxD
-  batch_axes, _ = split_axes(x_BxTxD.shape[0], mesh=mesh)
-  if not batch_axes:
-    return x_BxTxD
-  spec = P(batch_axes, *([None] * (x_BxTxD.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x_BxTxD, spec)
+def whole_table(table_VxD):
+  """The token table gathered whole (replicated) on every device when a mesh is in context.
+  Under FSDP the table is split along its width over the same axis the batch is split over;
+  the partitioner then kept the lookup's width split and gathered the batch instead, so the
+  whole text tower ran on the global batch on every device. With the table whole, the lookup's
+  output follows the ids' sharding (the batch split when training, whatever the encoders are
+  given when evaluating). A no-op for a replicated table (data parallelism)."""
+  if context_mesh() is None:
+    return table_VxD
+  return jax.lax.with_sharding_constraint(table_VxD, P())
 
 
 @jax.custom_vjp
@@ -107,8 +103,7 @@ class TextTower(nn.Module):
     # Tokens after the end-of-text token never reach the pooled output (causal attention):
     # quantization ranges are calibrated on the others only.
     valid_BxT = valid_tokens(tokens_BxT, eot)
-    x = embed_lookup(emb, tokens_BxT).astype(self.dtype) + pos.astype(self.dtype)
-    x = batch_sharded(x)
+    x = embed_lookup(whole_table(emb), tokens_BxT).astype(self.dtype) + pos.astype(self.dtype)
     x = ActQuant(cfg=self.quant, point="embed", name="embed_quant")(x, valid_BxT[:, :, None])
     x = Encoder(self.depth, self.heads, self.mlp_dim, self.attention, causal=True,
                 dtype=self.dtype, quant=self.quant, scan=self.scan, remat=self.remat,
