@@ -289,7 +289,7 @@ def _pod_config(arg, patch_size: int, name: str) -> ml_collections.ConfigDict:
   8 microbatches to fit (10.4 GiB planned) and moves 3.0 TB of HBM per chip and step, a roofline
   of 3.7 s (8.7% MFU); replicated parameters (1.8 GB of parameters and Adam moments per chip)
   with full remat fit without microbatches (7.6 GiB) and move 0.47 TB, a roofline of 0.57 s
-  (55.9% MFU). FSDP stays one override away (mesh.shape.fsdp=-1) for larger models."""
+  (55.8% MFU). FSDP stays one override away (mesh.shape.fsdp=-1) for larger models."""
   normalizer, runlocal = config_words(arg)
   c = base_config()
   c.model.image.patch_size = patch_size
