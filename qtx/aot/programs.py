@@ -74,7 +74,7 @@ def _tower_flops(config, tower: str) -> float:
   m = config.model
   full = flops_lib.clip_forward_flops(config)
   if tower == "image":  # the pair's FLOPs without the text tower's
-    im, tx = m.image, m.text
+    tx = m.text
     text = flops_lib.encoder_flops(tx.context_length, tx.width, tx.depth, tx.mlp_dim,
                                    causal=True) + 2 * tx.width * m.embed_dim
     return full - text
