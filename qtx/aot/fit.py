@@ -10,6 +10,7 @@ TPUs or GPUs decide the same way; on the CPU, which has no fixed memory, auto is
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Optional
 
 from qtx import chips as chips_lib
@@ -135,8 +136,7 @@ def resolve_for_run(config, run: run_lib.Run, log: Callable[[str], None] = print
     log("qtx: train.microbatches=auto -> 1 (no fixed device memory on this platform)")
     return 1
   hbm = _device_capacity(devices[0]) or chip.hbm_bytes
-  chip = chips_lib.Chip(chip.name, chip.kinds, chip.bf16_flops, hbm, chip.hbm_bw, chip.ici_bw,
-                        chip.source)
+  chip = dataclasses.replace(chip, hbm_bytes=hbm)
   m, tries = choose_microbatches(config, devices, chip=chip, log=log)
   log(f"qtx: train.microbatches=auto -> {m} ({_fit_words(tries[-1])})")
   return m

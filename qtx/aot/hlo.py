@@ -285,35 +285,31 @@ def loop_scale(module: Module) -> float:
   """HBM bytes of the top-level ops counted with loop trip counts over the same counted once
   per loop body (1.0 for a module without counted loops). XLA's cost analysis counts a while
   loop's body once; compile mode multiplies its figures by this."""
-  once = sum(b / max(runs, 1e-30) * (runs > 0) for (_, b), runs in _bytes_and_runs(module))
-  full = sum(b for (_, b), _ in _bytes_and_runs(module))
+  once = full = 0.0
+  for _, b, runs in _op_bytes_runs(module):
+    once += b
+    full += b * runs
   return full / once if once else 1.0
-
-
-def _bytes_and_runs(module: Module):
-  mult = module.multiplicity()
-  by_name = {}
-  for comp, instrs in module.computations.items():
-    for ins in instrs:
-      by_name[id(ins)] = mult[comp]
-  for ins, b in op_bytes(module):
-    yield (ins, b), by_name[id(ins)]
 
 
 def op_bytes(module: Module):
   """(instruction, HBM bytes per execution: operands read + result written, x runs) of every
   top-level op that moves data (module docstring)."""
+  for ins, b, runs in _op_bytes_runs(module):
+    yield ins, b * runs
+
+
+def _op_bytes_runs(module: Module):
+  """(instruction, bytes of one run, runs per execution) of every top-level op that moves
+  data and runs."""
   shapes = {}
   for instrs in module.computations.values():
     for ins in instrs:
       shapes[ins.name] = ins.result_bytes
   for ins, comp, runs in module.instructions():
-    if comp in module.fused or ins.opcode in _FREE or runs == 0:
+    if comp in module.fused or ins.opcode in _FREE or runs == 0 or ins.opcode.endswith("-done"):
       continue
-    if ins.opcode.endswith("-done"):
-      continue
-    read = sum(shapes.get(o, 0.0) for o in ins.operands)
-    yield ins, (read + ins.result_bytes) * runs
+    yield ins, sum(shapes.get(o, 0.0) for o in ins.operands) + ins.result_bytes, runs
 
 
 # (substring of an op's name scope, part of the model) in the order they are tried

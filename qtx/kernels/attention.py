@@ -638,14 +638,13 @@ def _pallas(kernel, st: _Static, grid, in_specs, out_specs, out_shape, name, arg
             clip: bool = False):
   plan = st.plan
   B, H = grid[0], grid[1]
-  call = pl.pallas_call(
+  return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=plan.interpret, name=name,
       cost_estimate=cost_estimate(st, name, B, H, args, out_shape, clip),
       compiler_params=_sm.compiler_params(plan.platform, plan.interpret, plan.num_warps,
                                           plan.num_stages,
                                           semantics=("parallel", "parallel", "parallel")))
-  return call
 
 
 def _common_inputs(st: _Static, q, k, v, km, rows, q_blocked: bool):
